@@ -1,0 +1,175 @@
+"""The public Python API: load any BLIP checkpoint, preprocess, and run each role.
+
+    model = blip_jax.load(path)           # official .pth | HF dir | our checkpoint dir
+    pixels = model.preprocess(images)     # paths / uint8 HWC arrays -> float32 [B, H, W, 3]
+    ids, mask = model.tokenize(texts)     # needs a tokenizer (in the checkpoint, or vocab=...)
+    model.image_feat(pixels); model.text_feat(ids, mask); model.itm_logits(pixels, ids, mask)
+    model.lm_logits(pixels, ids, mask); model.lm_loss(pixels, ids, mask, label_smoothing=0.1)
+
+Every method is one jitted function per (config, method, input shapes), shared by all models of
+the same config, so loading twice does not compile twice.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip_jax import losses, preprocess as _pre
+from blip_jax.checkpoints import convert, native
+from blip_jax.models.blip import Blip
+from blip_jax.models.config import BlipConfig
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(cfg: BlipConfig, method: str, params, *args):
+  return Blip(cfg).apply({"params": params}, *args, method=getattr(Blip, method))
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("label_smoothing", "prompt_length", "reduction"))
+def _lm_loss(cfg, params, pixels, ids, mask, label_smoothing=0.1, prompt_length=0, reduction="mean"):
+  def f(m):
+    return m.lm_logits(m.encode_image(pixels), ids, mask)
+  logits = Blip(cfg).apply({"params": params}, method=f)
+  return losses.lm_loss(logits, ids, mask, label_smoothing=label_smoothing,
+                        prompt_length=prompt_length, reduction=reduction)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _vqa_answer_logits(cfg, params, pixels, q_ids, q_mask, a_ids, a_mask):
+  def f(m):
+    q = m.vqa_question(m.encode_image(pixels), q_ids, q_mask)
+    return m.vqa_answer_logits(q, q_mask, a_ids, a_mask)
+  return Blip(cfg).apply({"params": params}, method=f)
+
+
+class BlipModel:
+  """A config, its params (and training extras), and a tokenizer, with the roles as methods."""
+
+  def __init__(self, config: BlipConfig, params, extras: Optional[dict] = None, tokenizer=None):
+    self.config = config
+    self.params = jax.tree.map(jnp.asarray, params)
+    self.extras = extras or {}
+    self.tokenizer = tokenizer
+    if tokenizer is not None:
+      from blip_jax.tokenizers import check_compatible
+      check_compatible(tokenizer, config.text)
+
+  def _require(self, what: str, ok: bool):
+    if not ok:
+      raise ValueError(f"a {self.config.kind!r} model has no {what}")
+
+  # ---- inputs ----
+  def preprocess(self, images, size: Optional[int] = None) -> np.ndarray:
+    return _pre.preprocess(images, size or self.config.vision.image_size)
+
+  def tokenize(self, texts, max_length: int = 35, padding: str = "max_length"):
+    if self.tokenizer is None:
+      raise ValueError("this model has no tokenizer: pass vocab=PATH (or tokenizer=...) to load()")
+    return self.tokenizer(texts, max_length=max_length, padding=padding)
+
+  # ---- roles ----
+  def encode_image(self, pixels):
+    return _apply(self.config, "encode_image", self.params, jnp.asarray(pixels))
+
+  def image_feat(self, pixels):
+    self._require("ITC projections", self.config.has_itc)
+    f = lambda m, p: m.image_feat(m.encode_image(p))
+    return _apply_fn(self.config, f, self.params, jnp.asarray(pixels))
+
+  def text_feat(self, ids, mask):
+    self._require("ITC projections", self.config.has_itc)
+    return _apply(self.config, "text_feat", self.params, jnp.asarray(ids), jnp.asarray(mask))
+
+  def itm_logits(self, pixels, ids, mask):
+    self._require("ITM head", self.config.has_itc)
+    f = lambda m, p, i, k: m.itm_logits(m.encode_image(p), i, k)
+    return _apply_fn(self.config, f, self.params, jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask))
+
+  def itm_prob(self, pixels, ids, mask):
+    return jax.nn.softmax(self.itm_logits(pixels, ids, mask), axis=-1)[:, 1]
+
+  def lm_logits(self, pixels, ids, mask):
+    self._require("decoder", self.config.kind in ("pretrain", "caption"))
+    f = lambda m, p, i, k: m.lm_logits(m.encode_image(p), i, k)
+    return _apply_fn(self.config, f, self.params, jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask))
+
+  def lm_loss(self, pixels, ids, mask, label_smoothing: float = 0.1, prompt_length: int = 0,
+              reduction: str = "mean"):
+    self._require("decoder", self.config.kind in ("pretrain", "caption"))
+    return _lm_loss(self.config, self.params, jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask),
+                    label_smoothing=label_smoothing, prompt_length=prompt_length, reduction=reduction)
+
+  def vqa_answer_logits(self, pixels, q_ids, q_mask, a_ids, a_mask):
+    self._require("answer decoder", self.config.kind == "vqa")
+    return _vqa_answer_logits(self.config, self.params, *map(jnp.asarray, (pixels, q_ids, q_mask, a_ids, a_mask)))
+
+  # ---- saving ----
+  def save(self, path: str) -> str:
+    """Our format (Orbax + config JSON + tokenizer assets)."""
+    return native.save_native(path, self.config, jax.tree.map(np.asarray, self.params),
+                              self.extras, self.tokenizer)
+
+  def export_hf(self, path: str) -> str:
+    """A transformers save_pretrained-style dir (config.json + model.safetensors)."""
+    return convert.export_hf(jax.tree.map(np.asarray, self.params), self.config, path)
+
+
+_FN_CACHE: dict = {}
+
+
+def _apply_fn(cfg, fn, params, *args):
+  """jit of an ad-hoc composition of methods, cached by its code object (one compile per shape)."""
+  key = (cfg, fn.__code__)
+  if key not in _FN_CACHE:
+    _FN_CACHE[key] = jax.jit(lambda p, *a: Blip(cfg).apply({"params": p}, *a, method=fn))
+  return _FN_CACHE[key](params, *args)
+
+
+def detect_format(path: str) -> str:
+  if native.is_native_dir(path):
+    return "native"
+  if os.path.isdir(path):
+    if os.path.exists(os.path.join(path, "config.json")):
+      return "hf"
+    raise ValueError(f"{path}: a directory with neither {native.CONFIG_FILE} (ours) nor config.json (HF)")
+  if os.path.isfile(path):
+    return "official"
+  raise FileNotFoundError(path)
+
+
+def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = None,
+         vision_eps: Optional[float] = None, vocab: Optional[str] = None, tokenizer: Any = None,
+         strict: bool = True, dtype: Optional[str] = None, progress=None) -> BlipModel:
+  """Loads an official BLIP .pth, a transformers BLIP dir or our checkpoint dir.
+
+  kind:       official files only: load as another model kind (a pretraining checkpoint into a
+              caption/retrieval/vqa model, as the official finetuning scripts do).
+  image_size: interpolate the position embedding to this resolution (bicubic, as official).
+  vision_eps: ViT LayerNorm eps (official files default 1e-6; HF dirs take config.json's).
+  vocab:      a bert-base-uncased vocab.txt for the tokenizer, when the checkpoint has none.
+  strict:     False allows missing / mis-shaped keys (those params are then absent).
+  """
+  from blip_jax.tokenizers import BertTokenizer, load_tokenizer_dir
+  fmt = detect_format(path)
+  extras = {}
+  if fmt == "native":
+    cfg, params, extras, tok = native.load_native(path)
+  elif fmt == "hf":
+    cfg, params = convert.load_hf(path, vision_eps=vision_eps, image_size=image_size, strict=strict,
+                                  progress=progress)
+    tok = load_tokenizer_dir(path)
+  else:
+    cfg, params, extras = convert.load_official(
+        path, kind, image_size=image_size, strict=strict, progress=progress,
+        vision_eps=1e-6 if vision_eps is None else vision_eps)
+    tok = None
+  if dtype:
+    cfg = cfg.replace(dtype=dtype)
+  if tokenizer is None and vocab:
+    tokenizer = BertTokenizer(vocab)
+  return BlipModel(cfg, params, extras, tokenizer or tok)

@@ -1,0 +1,89 @@
+"""Building blocks shared by the ViT and the MED text transformer.
+
+Every parameter is created through `param_init(...)`, which attaches logical axis names, so the
+trainer can shard params and optimizer state by rules (MaxText style). Params are float32; `dtype`
+is the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+MASK_VALUE = -10000.0  # official BLIP/BERT additive mask value (blip_facts §0.7)
+
+# Logical axis names used on parameters. The trainer maps them to mesh axes with rules (data).
+#   embed: model width (vision or text), mlp: FFN hidden, heads: attention projection output,
+#   qkv: fused q/k/v output, vocab: vocabulary, proj: ITC projection, None: replicated.
+
+
+def param_init(init: Callable, axes: Sequence[Optional[str]]) -> Callable:
+  return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def normal(std: float = 0.02) -> Callable:
+  return nn.initializers.normal(stddev=std)
+
+
+def dense(features: int, axes: tuple, name: str, dtype: Dtype, std: float = 0.02) -> nn.Dense:
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=jnp.float32, name=name,
+      kernel_init=param_init(normal(std), axes),
+      bias_init=param_init(nn.initializers.zeros, (axes[-1],)))
+
+
+def layer_norm(eps: float, name: str, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+      scale_init=param_init(nn.initializers.ones, ("norm",)),
+      bias_init=param_init(nn.initializers.zeros, ("norm",)))
+
+
+def gelu(x):
+  return nn.gelu(x, approximate=False)  # exact erf GELU, as torch nn.GELU / BERT "gelu"
+
+
+def dot_product_attention(q, k, v, bias=None, *, dropout_rate: float = 0.0, dropout_rng=None,
+                          dtype: Dtype = jnp.float32):
+  """The one attention function of the package (a fused kernel can replace it here).
+
+  q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh]; bias: additive, broadcastable to [B, H, Lq, Lk].
+  Softmax runs in float32 whatever the compute dtype.
+  """
+  depth = q.shape[-1]
+  q = q / jnp.sqrt(depth).astype(q.dtype)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    scores = scores + bias.astype(jnp.float32)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+
+
+def padding_bias(mask):
+  """[B, Lk] 1/0 key mask -> additive bias [B, 1, 1, Lk] (official: (1 - mask) * -10000)."""
+  return ((1.0 - mask.astype(jnp.float32)) * MASK_VALUE)[:, None, None, :]
+
+
+def causal_bias(q_pos, k_pos):
+  """Additive bias [1, 1, Lq, Lk] letting query position i see keys at positions <= i."""
+  allowed = k_pos[None, :] <= q_pos[:, None]
+  return jnp.where(allowed, 0.0, MASK_VALUE)[None, None]
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example (timm DropPath)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0).astype(x.dtype)

@@ -1,0 +1,162 @@
+"""The MED text transformer (official models/med.py: BERT-base with cross-attention in every layer).
+
+Embeddings: word + absolute position -> LayerNorm -> dropout (no token types).
+Layer: self-attention -> [cross-attention to image (or question) tokens] -> FFN; post-LN, eps 1e-12.
+The pretraining model keeps two self-attention sets per layer (`self_attn` for the encoder roles,
+`self_attn_dec` for the decoder) and shares everything else, which is exactly the official
+tie_encoder_decoder_weights(skip_key='/attention') sharing (blip_facts §2.6).
+
+Incremental decoding (`decode=True`) keeps a self-attention KV cache in the 'cache' collection and
+computes the cross-attention keys/values once per image (stored in the same collection).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from blip_jax.models.config import TextConfig
+from blip_jax.models.layers import (Dtype, causal_bias, dense, dot_product_attention, gelu, layer_norm,
+                                    normal, padding_bias, param_init)
+
+
+class BertAttention(nn.Module):
+  """Self- or cross-attention block with output dense, dropout, residual and post-LayerNorm."""
+  cfg: TextConfig
+  is_cross: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, kv=None, bias=None, *, causal: bool = False, decode: bool = False,
+               key_mask=None, train: bool = False):
+    c = self.cfg
+    b, l, d = x.shape
+    h = c.heads
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], h, d // h)
+    q = split(dense(d, ("embed", "heads"), "query", self.dtype)(x))
+    if self.is_cross:
+      if decode and kv is None:  # keys/values of the memory were computed once, at prefill
+        k, v, bias = (self.get_variable("cache", n) for n in ("cross_key", "cross_value", "cross_bias"))
+      else:
+        k = split(dense(d, ("embed", "heads"), "key", self.dtype)(kv))
+        v = split(dense(d, ("embed", "heads"), "value", self.dtype)(kv))
+        if decode:
+          if bias is None:
+            bias = jnp.zeros((kv.shape[0], 1, 1, kv.shape[1]), jnp.float32)
+          self.put_variable("cache", "cross_key", k)
+          self.put_variable("cache", "cross_value", v)
+          self.put_variable("cache", "cross_bias", bias)
+    else:
+      k = split(dense(d, ("embed", "heads"), "key", self.dtype)(x))
+      v = split(dense(d, ("embed", "heads"), "value", self.dtype)(x))
+      if decode:
+        k, v, bias = self._update_cache(k, v, key_mask)
+      elif causal:
+        pos = jnp.arange(l)
+        bias = causal_bias(pos, pos) + (0.0 if bias is None else bias)
+    rng = self.make_rng("dropout") if (train and c.dropout > 0) else None
+    out = dot_product_attention(q, k, v, bias, dropout_rate=c.dropout if train else 0.0,
+                                dropout_rng=rng, dtype=self.dtype)
+    out = dense(d, ("heads", "embed"), "out", self.dtype)(out.reshape(b, l, d))
+    out = nn.Dropout(c.dropout)(out, deterministic=not train)
+    return layer_norm(c.layer_norm_eps, "norm", self.dtype)(out + x)
+
+  def _update_cache(self, k, v, key_mask):
+    """Writes this chunk's keys/values at the cache index; returns full keys/values and the bias."""
+    b, l, h, dh = k.shape
+    # At init the cache is created with the length of the dummy input: that is the max length.
+    ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cm = self.variable("cache", "cached_mask", jnp.zeros, (b, k.shape[1]), jnp.float32)
+    ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    idx = ci.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, idx, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, idx, 0, 0))
+    m = jnp.ones((b, l), jnp.float32) if key_mask is None else key_mask.astype(jnp.float32)
+    cm.value = jax.lax.dynamic_update_slice(cm.value, m, (0, idx))
+    ci.value = idx + l
+    max_len = ck.value.shape[1]
+    bias = causal_bias(idx + jnp.arange(l), jnp.arange(max_len)) + padding_bias(cm.value)
+    return ck.value, cv.value, bias
+
+
+class BertLayer(nn.Module):
+  cfg: TextConfig
+  has_cross: bool
+  decoder_self_attn: bool  # pretraining: a second self-attention set used by the decoder role
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, bias, memory=None, memory_bias=None, *, causal=False, decode=False,
+               key_mask=None, train=False):
+    c = self.cfg
+    name = "self_attn_dec" if (causal and self.decoder_self_attn) else "self_attn"
+    if self.decoder_self_attn and self.is_initializing():
+      # create both self-attention sets whatever role init is traced with
+      other = "self_attn" if name == "self_attn_dec" else "self_attn_dec"
+      BertAttention(c, False, self.dtype, name=other)(x, bias=bias)
+    x = BertAttention(c, False, self.dtype, name=name)(
+        x, bias=bias, causal=causal, decode=decode, key_mask=key_mask, train=train)
+    if self.has_cross and (memory is not None or decode):
+      x = BertAttention(c, True, self.dtype, name="cross_attn")(
+          x, memory, memory_bias, decode=decode, train=train)
+    y = dense(c.mlp_dim, ("embed", "mlp"), "fc1", self.dtype)(x)
+    y = dense(c.width, ("mlp", "embed"), "fc2", self.dtype)(gelu(y))
+    y = nn.Dropout(c.dropout)(y, deterministic=not train)
+    return layer_norm(c.layer_norm_eps, "ffn_norm", self.dtype)(y + x)
+
+
+class TextTransformer(nn.Module):
+  """BERT-style MED. Roles are chosen per call:
+
+  unimodal encoder:        memory=None,  causal=False   (ITC, [CLS])
+  image-grounded encoder:  memory=image, causal=False   (ITM / VQA question, [ENC])
+  image-grounded decoder:  memory=image, causal=True    (LM, [DEC]); uses `self_attn_dec` if present
+  """
+  cfg: TextConfig
+  cross_width: Optional[int] = None  # None: no cross-attention layers
+  decoder_self_attn: bool = False
+  lm_head: bool = False
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.cfg
+    self.word_embeddings = nn.Embed(
+        c.vocab_size, c.width, dtype=self.dtype, param_dtype=jnp.float32,
+        embedding_init=param_init(normal(0.02), ("vocab", "embed")), name="word_embeddings")
+    self.position_embeddings = nn.Embed(
+        c.max_positions, c.width, dtype=self.dtype, param_dtype=jnp.float32,
+        embedding_init=param_init(normal(0.02), (None, "embed")), name="position_embeddings")
+    self.embed_norm = layer_norm(c.layer_norm_eps, "embed_norm", self.dtype)
+    self.embed_dropout = nn.Dropout(c.dropout)
+    self.layers = [BertLayer(c, self.cross_width is not None, self.decoder_self_attn, self.dtype,
+                             name=f"layer_{i}") for i in range(c.depth)]
+    if self.lm_head:
+      self.lm_dense = dense(c.width, ("embed", "embed_out"), "lm_dense", self.dtype)
+      self.lm_norm = layer_norm(c.layer_norm_eps, "lm_norm", self.dtype)
+      self.lm_bias = self.param("lm_bias", param_init(nn.initializers.zeros, ("vocab",)),
+                                (c.vocab_size,))
+
+  def __call__(self, ids, mask=None, memory=None, memory_mask=None, *, causal=False, decode=False,
+               position_offset=0, train=False):
+    """ids [B, L] int; mask [B, L] 1/0; memory [B, M, W]. Returns hidden states [B, L, D]."""
+    if mask is None:
+      mask = jnp.ones(ids.shape, jnp.int32)
+    pos = position_offset + jnp.arange(ids.shape[1])
+    x = self.word_embeddings(ids) + self.position_embeddings(pos)[None]
+    x = self.embed_dropout(self.embed_norm(x), deterministic=not train)
+    bias = None if decode else padding_bias(mask)
+    memory_bias = None
+    if memory is not None and memory_mask is not None:
+      memory_bias = padding_bias(memory_mask)
+    for layer in self.layers:
+      x = layer(x, bias, memory, memory_bias, causal=causal, decode=decode, key_mask=mask,
+                train=train)
+    return x
+
+  def logits(self, hidden):
+    """LM head: dense -> GELU -> LayerNorm -> tied word embeddings + bias. [B, L, V] float32."""
+    h = self.lm_norm(gelu(self.lm_dense(hidden)))
+    return self.word_embeddings.attend(h).astype(jnp.float32) + self.lm_bias

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="blip_jax",
+    version="0.1.0",
+    description="BLIP (Bootstrapping Language-Image Pre-training) in JAX/Flax",
+    packages=find_packages(include=["blip_jax", "blip_jax.*"]),
+    python_requires=">=3.10",
+    # Exact pins live in requirements.txt / constraints.txt (README's install command uses them).
+    install_requires=[
+        "jax", "flax", "optax", "orbax-checkpoint", "numpy", "pillow", "safetensors", "tqdm",
+        "ml-collections", "absl-py", "sentencepiece",
+    ],
+    extras_require={"torch": ["torch", "transformers"]},
+    entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
+)
