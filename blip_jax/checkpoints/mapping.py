@@ -87,7 +87,7 @@ def text_entries(cfg: BlipConfig, root: Path, prefix: str, *, cross: bool, lm_pr
       if dec_prefix is None:
         yield e
       else:
-        yield dataclasses.replace(e, key=dec_prefix + e.key[len(prefix):], aliases=(e.key,))
+        yield dataclasses.replace(e, key=dec_prefix + e.key[len(prefix):], aliases=(e.key,) + e.aliases)
 
   emb = prefix + "embeddings."
   word = Entry(root + ("word_embeddings", "embedding"), emb + "word_embeddings.weight", "copy")

@@ -1,0 +1,157 @@
+"""Official BLIP .pth files (key layout from ../shared/reference/keys/, tied aliases, momentum
+copies and queues included) load and give transformers' outputs."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import blip_jax
+from blip_jax.checkpoints.torch_io import CheckpointError, read_pth
+from official_ref import official_state_dict, read_keys, shared_pair
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pair():
+  return shared_pair()
+
+
+@pytest.fixture(scope="module")
+def batch(pair, coco, vocab_path):
+  tok = blip_jax.BertTokenizer(vocab_path)
+  ids, mask = tok([coco[0][1][0], coco[3][1][2]], max_length=16)
+  pixels = blip_jax.preprocess.preprocess([coco[0][0], coco[3][0]], 224)
+  return pixels, ids, mask
+
+
+def t(x):
+  x = np.asarray(x)
+  return torch.tensor(x.astype(np.int64) if x.dtype.kind in "iu" else x)
+
+
+def hf_outputs(cap, ret, pixels, ids, mask):
+  pv = t(pixels).permute(0, 3, 1, 2)
+  enc, dec = ids.copy(), ids.copy()
+  enc[:, 0], dec[:, 0] = 30523, 30522
+  with torch.no_grad():
+    return dict(
+        itm=ret(input_ids=t(enc), pixel_values=pv, attention_mask=t(mask)).itm_score.numpy(),
+        cos=ret(input_ids=t(ids), pixel_values=pv, attention_mask=t(mask), use_itm_head=False).itm_score.numpy(),
+        lm=cap(pixel_values=pv, input_ids=t(dec), attention_mask=t(mask)).logits.numpy())
+
+
+@pytest.fixture(scope="module")
+def pretrain_pth(pair, tmp_path_factory):
+  sd = official_state_dict("keys_official_pretrain.txt", *pair)
+  path = tmp_path_factory.mktemp("official") / "model_pretrain.pth"
+  torch.save({"model": sd, "epoch": 3}, path)
+  return str(path), sd
+
+
+def test_state_dict_matches_key_file(pretrain_pth):
+  _, sd = pretrain_pth
+  keys = read_keys("keys_official_pretrain.txt")
+  assert set(sd) == set(keys) and len(keys) == 456
+  assert all(tuple(sd[k].shape) == keys[k][0] for k in keys)
+
+
+def test_pretrain_checkpoint(pretrain_pth, pair, batch):
+  path, sd = pretrain_pth
+  model = blip_jax.load(path)
+  c = model.config
+  assert (c.kind, c.vision.width, c.vision.depth, c.vision.heads, c.vision.image_size) == ("pretrain", 192, 4, 3, 224)
+  assert (c.text.width, c.text.depth, c.text.heads, c.vision.layer_norm_eps) == (192, 4, 3, 1e-6)
+  ref = hf_outputs(*pair, *batch)
+  pixels, ids, mask = batch
+  assert np.abs(np.asarray(model.itm_logits(*batch)) - ref["itm"]).max() <= TOL
+  cos = np.asarray(model.image_feat(pixels)) @ np.asarray(model.text_feat(ids, mask)).T
+  assert np.abs(cos - ref["cos"]).max() <= TOL
+  assert np.abs(np.asarray(model.lm_logits(*batch)) - ref["lm"]).max() <= TOL
+  # temp, momentum copies and queues are kept (pretraining resumes from them)
+  assert float(model.params["temp"]) == pytest.approx(0.05)
+  mom = model.extras["momentum"]
+  np.testing.assert_array_equal(mom["visual_encoder"]["blocks_1"]["fc1"]["kernel"],
+                                sd["visual_encoder_m.blocks.1.mlp.fc1.weight"].numpy().T)
+  np.testing.assert_array_equal(mom["text_encoder"]["layer_2"]["cross_attn"]["key"]["kernel"],
+                                sd["text_encoder_m.encoder.layer.2.crossattention.self.key.weight"].numpy().T)
+  np.testing.assert_array_equal(model.extras["buffers"]["image_queue"], sd["image_queue"].numpy())
+
+
+@pytest.mark.parametrize("kind", ["caption", "retrieval"])
+def test_pretrain_checkpoint_into_task_model(pretrain_pth, pair, batch, kind):
+  """Finetuning starts from a pretraining checkpoint: its decoder (caption) or encoder (retrieval)."""
+  model = blip_jax.load(pretrain_pth[0], kind=kind)
+  ref = hf_outputs(*pair, *batch)
+  if kind == "caption":
+    assert np.abs(np.asarray(model.lm_logits(*batch)) - ref["lm"]).max() <= TOL
+  else:
+    assert np.abs(np.asarray(model.itm_logits(*batch)) - ref["itm"]).max() <= TOL
+
+
+@pytest.mark.parametrize("keys_file,kind", [("keys_official_retrieval.txt", "retrieval"),
+                                            ("keys_official_decoder.txt", "caption")])
+def test_task_checkpoints(pair, batch, tmp_path, keys_file, kind):
+  sd = official_state_dict(keys_file, *pair)
+  torch.save({"model": sd}, tmp_path / "m.pth")
+  model = blip_jax.load(str(tmp_path / "m.pth"))
+  assert model.config.kind == kind
+  ref = hf_outputs(*pair, *batch)
+  if kind == "caption":
+    assert np.abs(np.asarray(model.lm_logits(*batch)) - ref["lm"]).max() <= TOL
+  else:
+    assert np.abs(np.asarray(model.itm_logits(*batch)) - ref["itm"]).max() <= TOL
+    assert set(model.extras["buffers"]) == {"image_queue", "text_queue", "idx_queue", "ptr_queue"}
+
+
+def test_bad_keys_are_listed_together(pair, tmp_path):
+  sd = official_state_dict("keys_official_decoder.txt", *pair)
+  del sd["text_decoder.bert.encoder.layer.1.output.dense.bias"]
+  sd["text_decoder.bert.encoder.layer.2.intermediate.dense.weight"] = torch.zeros(10, 192)
+  sd["some_new_head.weight"] = torch.zeros(3)
+  torch.save({"model": sd}, tmp_path / "bad.pth")
+  with pytest.raises(CheckpointError) as e:
+    blip_jax.load(str(tmp_path / "bad.pth"))
+  msg = str(e.value)
+  assert "1 missing keys" in msg and "text_decoder.bert.encoder.layer.1.output.dense.bias" in msg
+  assert "1 mis-shaped keys" in msg and "layer.2.intermediate.dense.weight: checkpoint (10, 192)" in msg
+  # unexpected keys are checked once the rest fits
+  sd["text_decoder.bert.encoder.layer.1.output.dense.bias"] = torch.zeros(192)
+  sd["text_decoder.bert.encoder.layer.2.intermediate.dense.weight"] = torch.zeros(768, 192)
+  torch.save({"model": sd}, tmp_path / "bad.pth")
+  with pytest.raises(CheckpointError, match=r"1 unexpected keys:\n  some_new_head.weight"):
+    blip_jax.load(str(tmp_path / "bad.pth"))
+
+
+def test_partial_load(pair, tmp_path):
+  sd = official_state_dict("keys_official_decoder.txt", *pair)
+  del sd["text_decoder.cls.predictions.transform.dense.weight"]
+  torch.save({"model": sd}, tmp_path / "partial.pth")
+  from blip_jax.checkpoints.convert import load_official
+  cfg, params, _ = load_official(str(tmp_path / "partial.pth"), strict=False)
+  assert "kernel" not in params["text_decoder"]["lm_dense"]
+  assert "bias" in params["text_decoder"]["lm_dense"]
+
+
+class _Evil:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused(tmp_path):
+  marker = tmp_path / "pwned"
+  path = tmp_path / "evil.pth"
+  torch.save({"model": {"w": torch.zeros(2)}, "payload": _Evil(marker)}, path)
+  with pytest.raises(CheckpointError, match="refused to unpickle"):
+    read_pth(str(path))
+  with pytest.raises(CheckpointError):
+    blip_jax.load(str(path))
+  assert not marker.exists()
+  # the same file through plain pickle would have run the payload: the test is real
+  with open(path, "rb") as f:
+    assert f.read(2) == b"PK"  # zip container
