@@ -19,6 +19,10 @@ CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 ImageLike = Union[str, os.PathLike, bytes, np.ndarray, Image.Image]
 
 
+class ImageDecodeError(ValueError):
+  """An image file that is missing, truncated or not an image."""
+
+
 def to_pil(image: ImageLike) -> Image.Image:
   if isinstance(image, Image.Image):
     img = image
@@ -27,8 +31,13 @@ def to_pil(image: ImageLike) -> Image.Image:
       raise ValueError(f"array images must be uint8 HWC, got {image.dtype}")
     img = Image.fromarray(image if image.ndim == 3 else image[..., None].repeat(3, -1))
   else:
-    img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
-    img = ImageOps.exif_transpose(img)
+    name = "<bytes>" if isinstance(image, bytes) else os.fspath(image)
+    try:
+      img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+      img.load()  # decode now: truncated or corrupt files fail here, not later
+      img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for undecodable data
+      raise ImageDecodeError(f"{name}: cannot decode image ({e})") from None
   if img.mode != "RGB":
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
       img = img.convert("RGBA").convert("RGB")  # alpha dropped
