@@ -1,0 +1,130 @@
+"""`blip-jax` command line: convert, score, train-tokenizer."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _progress(total: int, desc: str):
+  from tqdm import tqdm
+  bar = tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=None)
+  return bar, bar.update
+
+
+def cmd_convert(a):
+  import blip_jax
+  from blip_jax.checkpoints import mapping
+  from blip_jax.checkpoints.convert import infer_hf_config, infer_official_config, load_hf, load_official
+  from blip_jax.checkpoints.torch_io import read_hf_dir, read_pth
+  from blip_jax.api import BlipModel, detect_format
+  from blip_jax.tokenizers import BertTokenizer, SentencePieceTokenizer, load_tokenizer_dir
+
+  fmt = detect_format(a.src)
+  if fmt == "native":
+    model = blip_jax.load(a.src)
+  elif fmt == "official":
+    sd = read_pth(a.src)
+    cfg = infer_official_config(sd, a.kind, vision_eps=a.vision_eps if a.vision_eps is not None else 1e-6,
+                                image_size=a.image_size)
+    bar, tick = _progress(len(mapping.official_table(cfg)) + (len(mapping.momentum_table(cfg))
+                          if any(k.endswith("_m.cls_token") for k in sd) and cfg.has_itc else 0), "converting")
+    cfg, params, extras = load_official(a.src, a.kind, image_size=a.image_size, sd=sd, progress=tick,
+                                        vision_eps=a.vision_eps if a.vision_eps is not None else 1e-6)
+    bar.close()
+    model = BlipModel(cfg, params, extras)
+  else:
+    cfg = infer_hf_config(read_hf_dir(a.src)[0], vision_eps=a.vision_eps)
+    bar, tick = _progress(len(mapping.hf_table(cfg, keep_temp=True)), "converting")
+    cfg, params = load_hf(a.src, vision_eps=a.vision_eps, image_size=a.image_size, progress=tick)
+    bar.close()
+    model = BlipModel(cfg, params, tokenizer=load_tokenizer_dir(a.src))
+  if a.vocab:
+    model.tokenizer = BertTokenizer(a.vocab)
+  elif a.spm:
+    model.tokenizer = SentencePieceTokenizer(a.spm)
+  if a.to == "hf":
+    out = model.export_hf(a.dst)
+    if model.tokenizer is not None and model.tokenizer.kind == "bert":
+      import shutil
+      shutil.copyfile(model.tokenizer.vocab_file, os.path.join(out, "vocab.txt"))
+  else:
+    out = model.save(a.dst)
+  c = model.config
+  print(f"wrote {out}: {c.kind} model, ViT {c.vision.width}x{c.vision.depth} @ {c.vision.image_size}px, "
+        f"text {c.text.width}x{c.text.depth}, tokenizer: {model.tokenizer.kind if model.tokenizer else 'none'}")
+
+
+def cmd_score(a):
+  import numpy as np
+  import blip_jax
+  model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
+  if model.tokenizer is None:
+    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+  if not model.config.has_itc:
+    sys.exit(f"error: a {model.config.kind} model has no ITM/ITC heads; use a retrieval or pretraining checkpoint")
+  texts = [blip_jax.pre_caption(t, 30) for t in a.text]
+  ids, mask = model.tokenize(texts, max_length=35)
+  for image in a.image:
+    pixels = model.preprocess([image])
+    pix = np.repeat(pixels, len(texts), axis=0)
+    itm = np.asarray(model.itm_prob(pix, ids, mask))
+    cos = np.asarray(model.text_feat(ids, mask)) @ np.asarray(model.image_feat(pixels))[0]
+    for t, p, c in zip(a.text, itm, cos):
+      print(f"{image}\t{t}\titm_prob={p:.4f}\titc_cosine={c:.4f}")
+
+
+def cmd_train_tokenizer(a):
+  from blip_jax.tokenizers import SentencePieceTokenizer, train_sentencepiece
+  path = train_sentencepiece(a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type,
+                             lowercase=not a.cased)
+  tok = SentencePieceTokenizer(path)
+  print(f"wrote {path}: {tok.vocab_size} pieces; pad={tok.pad_id} [CLS]={tok.cls_id} [SEP]={tok.sep_id} "
+        f"[DEC]={tok.dec_id} [ENC]={tok.enc_id}")
+
+
+def build_parser():
+  p = argparse.ArgumentParser(prog="blip-jax", description="BLIP in JAX/Flax")
+  sub = p.add_subparsers(dest="cmd", required=True)
+
+  c = sub.add_parser("convert", help="official .pth | HF dir | ours -> ours (Orbax) or an HF dir")
+  c.add_argument("src")
+  c.add_argument("dst")
+  c.add_argument("--to", choices=("native", "hf"), default="native")
+  c.add_argument("--kind", choices=("pretrain", "retrieval", "caption", "vqa"),
+                 help="official files: load as this model kind (default: the file's own)")
+  c.add_argument("--image-size", type=int, help="interpolate the position embedding to this size")
+  c.add_argument("--vision-eps", type=float, help="ViT LayerNorm eps (official 1e-6; HF config's)")
+  c.add_argument("--vocab", help="bert-base-uncased vocab.txt to store as the tokenizer")
+  c.add_argument("--spm", help="SentencePiece .model to store as the tokenizer")
+  c.set_defaults(fn=cmd_convert)
+
+  s = sub.add_parser("score", help="ITM probability and ITC cosine of image-text pairs")
+  s.add_argument("--model", required=True)
+  s.add_argument("--image", required=True, action="append")
+  s.add_argument("--text", required=True, action="append")
+  s.add_argument("--vocab")
+  s.add_argument("--image-size", type=int)
+  s.set_defaults(fn=cmd_score)
+
+  t = sub.add_parser("train-tokenizer", help="train a SentencePiece model with BLIP's special tokens")
+  t.add_argument("--input", required=True, help="text file, one sentence per line")
+  t.add_argument("--out", required=True, help="output prefix (writes PREFIX.model, PREFIX.vocab)")
+  t.add_argument("--vocab-size", type=int, default=8000)
+  t.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+  t.add_argument("--cased", action="store_true")
+  t.set_defaults(fn=cmd_train_tokenizer)
+  return p
+
+
+def main(argv=None):
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  args = build_parser().parse_args(argv)
+  try:
+    args.fn(args)
+  except (ValueError, FileNotFoundError) as e:  # CheckpointError, ImageDecodeError, bad configs
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  main()
