@@ -155,3 +155,32 @@ def test_crafted_pickle_is_refused(tmp_path):
   # the same file through plain pickle would have run the payload: the test is real
   with open(path, "rb") as f:
     assert f.read(2) == b"PK"  # zip container
+
+
+def test_vqa_checkpoint(tmp_path, batch):
+  """Official VQA layout (ViT + question encoder + answer decoder with 768x768 cross-attention)."""
+  from blip_jax.checkpoints.mapping import official_table, to_hf_key
+  from blip_jax.checkpoints.convert import infer_hf_config
+  from hf_ref import make_hf
+  hf = make_hf("vqa", 1e-6, seed=4)
+  hsd = hf.state_dict()
+  cfg = infer_hf_config(hf.config.to_dict() | {"architectures": ["BlipForQuestionAnswering"]})
+  sd = {}
+  for e in official_table(cfg):
+    for k in (e.key,) + e.aliases:
+      sd[k] = hsd[to_hf_key(k)]
+  sd["text_encoder.embeddings.position_ids"] = torch.arange(512)[None]
+  torch.save({"model": sd}, tmp_path / "model_vqa.pth")
+  model = blip_jax.load(str(tmp_path / "model_vqa.pth"))
+  assert model.config.kind == "vqa"
+  pixels = batch[0][:1]
+  q_ids, q_mask = np.array([[101, 2054, 3609, 2003, 1996, 3902, 102]]), np.ones((1, 7), np.int32)
+  a_ids, a_mask = np.array([[101, 2417, 102]]), np.ones((1, 3), np.int32)
+  with torch.no_grad():
+    q = q_ids.copy(); q[:, 0] = 30523
+    a = a_ids.copy(); a[:, 0] = 30522
+    img = hf.vision_model(pixel_values=t(pixels).permute(0, 3, 1, 2)).last_hidden_state
+    qs = hf.text_encoder(input_ids=t(q), encoder_hidden_states=img).last_hidden_state
+    ref = hf.text_decoder(input_ids=t(a), encoder_hidden_states=qs).logits.numpy()
+  got = np.asarray(model.vqa_answer_logits(pixels, q_ids, q_mask, a_ids, a_mask))
+  assert np.abs(got - ref).max() <= TOL
