@@ -83,6 +83,13 @@ def cmd_train_tokenizer(a):
         f"[DEC]={tok.dec_id} [ENC]={tok.enc_id}")
 
 
+def cmd_make_shards(a):
+  from blip_jax.data.shards import make_shards
+  stats = make_shards(a.annotations, a.image_root, a.out, per_shard=a.per_shard, workers=a.workers)
+  print(f"wrote {stats['written']} examples in {stats['shards']} shards to {a.out} "
+        f"({stats['already_done']} shards already done, {stats['missing_images']} missing images skipped)")
+
+
 def build_parser():
   p = argparse.ArgumentParser(prog="blip-jax", description="BLIP in JAX/Flax")
   sub = p.add_subparsers(dest="cmd", required=True)
@@ -114,6 +121,14 @@ def build_parser():
   t.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
   t.add_argument("--cased", action="store_true")
   t.set_defaults(fn=cmd_train_tokenizer)
+
+  m = sub.add_parser("make-shards", help="BLIP JSON + images -> img2dataset-style TFRecord shards")
+  m.add_argument("--annotations", required=True, action="append", help="BLIP JSON file (repeatable)")
+  m.add_argument("--image-root", default="")
+  m.add_argument("--out", required=True)
+  m.add_argument("--per-shard", type=int, default=1000)
+  m.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+  m.set_defaults(fn=cmd_make_shards)
   return p
 
 

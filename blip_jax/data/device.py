@@ -1,0 +1,24 @@
+"""Host batches -> global jax.Arrays, prefetched to the devices."""
+from __future__ import annotations
+
+import collections
+from typing import Iterator
+
+import jax
+import numpy as np
+
+
+def global_batch(batch: dict, sharding: jax.sharding.Sharding) -> dict:
+  """Each process passes its own rows; the result spans all processes' devices."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def prefetch_to_device(batches: Iterator[dict], sharding, size: int = 2) -> Iterator[dict]:
+  """Keeps `size` batches in flight on the devices (device_put is asynchronous)."""
+  queue = collections.deque()
+  for b in batches:
+    queue.append(global_batch(b, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()

@@ -1,0 +1,252 @@
+"""The input pipeline: a source -> per-host, deterministic, resumable batches of numpy arrays.
+
+Order. Random-access sources: epoch e visits the global permutation index_shuffle(p; seed, e) of all
+examples; host h takes global positions p = h, h + H, h + 2H, ... so H hosts cover every example
+exactly once per epoch. Streaming sources: files are permuted per epoch and split over hosts, then a
+seeded shuffle buffer. Each example's augmentation is keyed by (seed, epoch, position), never by
+time or thread, so the same position always gives the same pixels and caption choice.
+
+Resume. `state()` = {epoch, position, skipped, ...} of the last batch handed out; `restore(state)`
+rebuilds the epoch and starts at `position` (random access: by index; streaming: skip() on raw
+records before any decoding), so a resumed run sees exactly the batches an uninterrupted one would.
+
+Bad data. Examples whose image does not decode (missing, truncated, not an image) or whose text is
+empty or not UTF-8 are dropped and counted (`skipped`) from the gaps in the positions that come
+through; an epoch that yields nothing stops with an error naming the source.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from blip_jax.data import transforms as T
+from blip_jax.data.sources import Source
+
+log = logging.getLogger(__name__)
+
+TEXT_LENGTH = {"pretrain": 30, "retrieval": 35, "caption": 40, "vqa": 35, "nlvr": 35}
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+  batch_size: int = 8  # per host
+  image_size: int = 224
+  train: bool = True
+  crop_scale: tuple = (0.2, 1.0)  # RandomResizedCrop scale: 0.2-1 pretraining, 0.5-1 finetuning
+  flip: bool = True
+  randaug: bool = True
+  max_words: int = 30  # pre_caption word limit
+  text_length: int = 30  # tokens, incl. special tokens
+  prompt: str = ""  # e.g. 'a picture of ' for caption finetuning
+  answer_length: int = 8
+  max_answers: int = 10
+  seed: int = 0
+  threads: int = 2  # tf.data private thread pool
+  prefetch: int = 2
+
+  @classmethod
+  def from_dict(cls, d) -> "PipelineConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - known)
+    if bad:
+      raise ValueError(f"unknown input pipeline keys {bad}; known: {sorted(known)}")
+    if "crop_scale" in d:
+      d["crop_scale"] = tuple(d["crop_scale"])
+    return cls(**d)
+
+
+def _seed(seed, epoch, position):
+  return tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64), tf.cast(position, tf.int64)])
+
+
+class InputPipeline:
+  """Iterates numpy batches: image uint8 [B,S,S,3], text_ids/text_mask int32 [B,L], image_id int64 [B]
+  (+ question/answers for VQA, image2/label for NLVR2; eval batches add `valid`)."""
+
+  def __init__(self, source: Source, tokenizer, cfg: PipelineConfig | dict, *,
+               process_index: Optional[int] = None, process_count: Optional[int] = None):
+    import jax
+    self.source, self.tokenizer = source, tokenizer
+    self.cfg = cfg if isinstance(cfg, PipelineConfig) else PipelineConfig.from_dict(cfg)
+    self.host = jax.process_index() if process_index is None else process_index
+    self.hosts = jax.process_count() if process_count is None else process_count
+    self.epoch, self.position, self.skipped = 0, 0, 0
+    self._it = None
+    if source.random_access:
+      n = len(source)
+      self.host_size = len(range(self.host, n, self.hosts))
+      if self.cfg.train and self.host_size < self.cfg.batch_size:
+        raise ValueError(f"{source.name}: {self.host_size} examples per host, fewer than one batch of "
+                         f"{self.cfg.batch_size}")
+    else:
+      self.host_size = None
+
+  # ---- state ----
+  @property
+  def steps_per_epoch(self) -> Optional[int]:
+    return None if self.host_size is None else self.host_size // self.cfg.batch_size
+
+  def state(self) -> dict:
+    return {"epoch": int(self.epoch), "position": int(self.position), "skipped": int(self.skipped),
+            "seed": int(self.cfg.seed), "hosts": int(self.hosts)}
+
+  def restore(self, state: dict):
+    if state.get("hosts", self.hosts) != self.hosts or state.get("seed", self.cfg.seed) != self.cfg.seed:
+      log.warning("restoring an input state saved with other hosts/seed: order will differ")
+    self.epoch, self.position, self.skipped = state["epoch"], state["position"], state["skipped"]
+    self._it = None
+
+  # ---- the tf.data graph ----
+  def _raw(self, epoch: int, start: int) -> tf.data.Dataset:
+    """(position, raw example) from `start` on, for this host and epoch."""
+    src, host, hosts, seed = self.source, self.host, self.hosts, self.cfg.seed
+    if src.random_access:
+      n = len(src)
+      key = tf.constant([seed % 2 ** 31, epoch * 7919 + 0x5EED], tf.int64)
+      def lookup(k):
+        p = host + k * hosts  # global position
+        idx = tf.random.experimental.index_shuffle(p, key, n - 1) if self.cfg.train else p
+        return p, src.lookup(idx)
+      return tf.data.Dataset.range(start, self.host_size).map(lookup, num_parallel_calls=tf.data.AUTOTUNE,
+                                                              deterministic=True)
+    ds = src.epoch_dataset(epoch, seed, host, hosts).enumerate().skip(start)
+    return ds
+
+  def _process(self, epoch):
+    c, task = self.cfg, self.source.task
+
+    def fn(position, raw):
+      seed = _seed(c.seed, epoch, position)
+      texts = raw["texts"]
+      if c.train and task == "caption":  # one caption per image per epoch
+        k = tf.random.stateless_uniform([], seed + 99, 0, tf.maximum(tf.size(texts), 1), dtype=tf.int32)
+        text = texts[k]
+      else:
+        text = texts[0]
+      ok = T.is_valid_utf8(text)
+      text = tf.cond(ok, lambda: text, lambda: tf.constant(""))
+      text = T.tf_pre_question(text) if task == "vqa" else T.tf_pre_caption(text, c.max_words)
+      ok = ok & (tf.strings.length(text) > 0)
+      if c.prompt:
+        text = c.prompt + text
+      if c.train:
+        img = T.decode_train(raw["image"], seed, c.image_size, c.crop_scale, c.flip, c.randaug)
+      else:
+        img = T.decode_eval(raw["image"], c.image_size)
+      out = {"position": position, "image": img, "text": text, "image_id": raw["image_id"], "ok": ok}
+      if task == "vqa":
+        out["answers"] = raw["answers"][:c.max_answers].to_tensor() if hasattr(raw["answers"], "to_tensor") else raw["answers"][:c.max_answers]
+        out["weights"] = raw["weights"][:c.max_answers]
+      if task == "nlvr":
+        out["image2"] = (T.decode_train(raw["image2"], seed + 1000, c.image_size, c.crop_scale, False, c.randaug)
+                         if c.train else T.decode_eval(raw["image2"], c.image_size))
+        out["label"] = raw["label"]
+      return out
+    return fn
+
+  def dataset(self, epoch: int, start: int) -> tf.data.Dataset:
+    c = self.cfg
+    ds = self._raw(epoch, start)
+    ds = ds.map(self._process(epoch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.ignore_errors()  # undecodable images, missing files: counted by position gaps
+    ds = ds.filter(lambda ex: ex["ok"])  # empty / non-UTF-8 texts: counted the same way
+    pad = {"answers": tf.constant(b""), "weights": tf.constant(0.0)} if self.source.task == "vqa" else None
+    if pad:
+      ds = ds.padded_batch(c.batch_size, padding_values=None)
+    else:
+      ds = ds.batch(c.batch_size)
+    opts = tf.data.Options()
+    opts.threading.private_threadpool_size = c.threads
+    opts.threading.max_intra_op_parallelism = 1
+    opts.deterministic = True
+    return ds.with_options(opts).prefetch(c.prefetch)
+
+  # ---- iteration ----
+  def __iter__(self) -> Iterator[dict]:
+    return self
+
+  def __next__(self) -> dict:
+    c = self.cfg
+    while True:
+      if self._it is None:
+        self._start, self._yielded = self.position, 0
+        self._it = self.dataset(self.epoch, self.position).as_numpy_iterator()
+      try:
+        b = next(self._it)
+      except StopIteration:
+        self._end_epoch()
+        if not c.train:
+          raise
+        continue
+      pos = b["position"]
+      n = len(pos)
+      if n < c.batch_size and c.train:  # the epoch's remainder: not a full batch, so dropped
+        self._last_pos = int(pos[-1])
+        continue
+      self.skipped += int(pos[-1]) + 1 - self.position - n
+      self.position = int(pos[-1]) + 1
+      self._yielded += n
+      return self._finish(b)
+
+  def _end_epoch(self):
+    if self.host_size is not None:
+      last = max(getattr(self, "_last_pos", -1), self.position - 1)
+      # examples after the last one delivered (bad ones and the dropped remainder); only bad
+      # ones count, and bad ones are all that is missing when no remainder was seen.
+      trailing = self.host_size - 1 - last
+      self.skipped += max(trailing, 0)
+    if self._yielded == 0 and self._start == 0:
+      raise ValueError(f"source {self.source.name}: every example of epoch {self.epoch} was bad "
+                       f"(undecodable image, missing file, or empty / non-UTF-8 text); "
+                       f"{self.skipped} skipped so far")
+    self._last_pos = -1
+    self.epoch += 1 if self.cfg.train else 0
+    self.position = 0 if self.cfg.train else self.position
+    self._it = None
+
+  def _finish(self, b) -> dict:
+    c, tok = self.cfg, self.tokenizer
+    texts = [t.decode("utf-8") for t in b["text"]]
+    ids, mask = tok(texts, max_length=c.text_length, padding="max_length")
+    out = {"image": b["image"], "text_ids": ids, "text_mask": mask, "image_id": b["image_id"]}
+    n = len(texts)
+    if self.source.task == "vqa":
+      out["question_ids"], out["question_mask"] = out.pop("text_ids"), out.pop("text_mask")
+      ans = b["answers"]
+      a_ids = np.zeros((n, c.max_answers, c.answer_length), np.int32)
+      a_mask = np.zeros_like(a_ids)
+      for i in range(n):
+        for j, a in enumerate(ans[i][:c.max_answers]):
+          if a:
+            r_ids, r_mask = tok([a.decode("utf-8")], max_length=c.answer_length)
+            a_ids[i, j], a_mask[i, j] = r_ids[0], r_mask[0]
+      w = np.zeros((n, c.max_answers), np.float32)
+      w[:, :b["weights"].shape[1]] = b["weights"][:, :c.max_answers]
+      out.update(answer_ids=a_ids, answer_mask=a_mask, answer_weights=w)
+    if self.source.task == "nlvr":
+      out["image2"], out["label"] = b["image2"], b["label"]
+    if not c.train:  # eval: pad the last batch to the static batch size, with a validity mask
+      out["valid"] = np.ones(n, bool)
+      if n < c.batch_size:
+        out = {k: np.concatenate([v, np.zeros((c.batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in out.items()}
+    out["index"] = b["position"] if not c.train else b["position"]
+    if not c.train and n < c.batch_size:
+      out["index"] = np.concatenate([b["position"], np.full(c.batch_size - n, -1)])
+    return out
+
+  @property
+  def epoch_progress(self) -> float:
+    """Epochs done as a float (for the alpha ramp and per-epoch lr decay)."""
+    if self.host_size:
+      return self.epoch + self.position / self.host_size
+    return float(self.epoch)
+
+
+def make_pipeline(source_cfg, tokenizer, pipeline_cfg, **kw) -> InputPipeline:
+  from blip_jax.data.sources import make_source
+  return InputPipeline(make_source(source_cfg), tokenizer, pipeline_cfg, **kw)

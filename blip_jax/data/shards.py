@@ -1,0 +1,66 @@
+"""`blip-jax make-shards`: BLIP JSON + images -> TFRecord shards in img2dataset's format
+(features jpg, txt, key; plus `captions` when an entry has several). Shards are written in parallel,
+each to a temporary name and renamed when complete, so an interrupted run resumes per shard."""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+SHARD_NAME = "{:05d}.tfrecord"
+
+
+def _bytes_feature(values):
+  import tensorflow as tf
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+
+
+def _write_shard(args):
+  import tensorflow as tf
+  out_dir, index, entries, image_root = args
+  final = os.path.join(out_dir, SHARD_NAME.format(index))
+  if os.path.exists(final):
+    return index, len(entries), 0, True
+  tmp = final + ".tmp"
+  written = missing = 0
+  with tf.io.TFRecordWriter(tmp) as w:
+    for k, e in entries:
+      path = e["image"] if os.path.isabs(e["image"]) else os.path.join(image_root, e["image"])
+      try:
+        with open(path, "rb") as f:
+          data = f.read()
+      except OSError:
+        missing += 1
+        continue
+      caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+      feats = {"jpg": _bytes_feature([data]), "txt": _bytes_feature([caps[0].encode("utf-8")]),
+               "key": _bytes_feature([str(e.get("image_id", k)).encode("utf-8")])}
+      if len(caps) > 1:
+        feats["captions"] = _bytes_feature([c.encode("utf-8") for c in caps])
+      w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+      written += 1
+  os.replace(tmp, final)
+  return index, written, missing, False
+
+
+def make_shards(annotations: list[str], image_root: str, out_dir: str, per_shard: int = 1000,
+                workers: int = 2, progress: bool = True) -> dict:
+  entries = []
+  for a in annotations:
+    with open(a) as f:
+      entries += json.load(f)
+  os.makedirs(out_dir, exist_ok=True)
+  jobs = [(out_dir, i, list(enumerate(entries))[s:s + per_shard], image_root)
+          for i, s in enumerate(range(0, len(entries), per_shard))]
+  from tqdm import tqdm
+  stats = {"shards": len(jobs), "written": 0, "missing_images": 0, "already_done": 0}
+  with ProcessPoolExecutor(max_workers=workers) as pool, \
+      tqdm(total=len(entries), unit="ex", desc="shards", disable=not progress) as bar:
+    for index, n, missing, done in pool.map(_write_shard, jobs):
+      stats["written"] += n if not done else 0
+      stats["missing_images"] += missing
+      stats["already_done"] += int(done)
+      bar.update(len(jobs[index][2]))
+  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+    json.dump({"annotations": annotations, "entries": len(entries), **stats}, f, indent=1)
+  return stats
