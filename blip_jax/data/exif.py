@@ -45,4 +45,6 @@ def _tiff_orientation(t: bytes) -> int:
 
 def orientation_np(data) -> np.int32:
   """For tf.numpy_function: bytes (numpy object scalar) -> int32."""
-  return np.int32(jpeg_orientation(bytes(data[:1 << 16])))
+  if isinstance(data, np.ndarray):  # eager mode passes a 0-d object array, graph mode bytes
+    data = data.item()
+  return np.int32(jpeg_orientation(bytes(data)[:1 << 16]))

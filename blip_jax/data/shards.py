@@ -1,11 +1,12 @@
 """`blip-jax make-shards`: BLIP JSON + images -> TFRecord shards in img2dataset's format
-(features jpg, txt, key; plus `captions` when an entry has several). Shards are written in parallel,
+(features jpg, txt, key; plus `captions` when an entry has several). Shards are written in parallel
+(threads: file reads and TFRecord writes release the GIL; no fork beside JAX's threads),
 each to a temporary name and renamed when complete, so an interrupted run resumes per shard."""
 from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 SHARD_NAME = "{:05d}.tfrecord"
 
@@ -54,7 +55,7 @@ def make_shards(annotations: list[str], image_root: str, out_dir: str, per_shard
           for i, s in enumerate(range(0, len(entries), per_shard))]
   from tqdm import tqdm
   stats = {"shards": len(jobs), "written": 0, "missing_images": 0, "already_done": 0}
-  with ProcessPoolExecutor(max_workers=workers) as pool, \
+  with ThreadPoolExecutor(max_workers=workers) as pool, \
       tqdm(total=len(entries), unit="ex", desc="shards", disable=not progress) as bar:
     for index, n, missing, done in pool.map(_write_shard, jobs):
       stats["written"] += n if not done else 0

@@ -91,8 +91,8 @@ class JsonSource(Source):
       answers, weights = [], []
       for e in entries:
         a = e.get("answer", [])
-        if isinstance(a, str):  # VG-QA: one answer, weight 0.2 (official)
-          answers.append([a]); weights.append([0.2])
+        if isinstance(a, str):  # VG-QA: one answer, weight 0.2 (official); a lone answer otherwise 1
+          answers.append([a]); weights.append([0.2 if e.get("dataset") == "vg" else 1.0])
         else:
           c = Counter(a)
           answers.append(list(c)); weights.append([v / max(len(a), 1) for v in c.values()])

@@ -137,12 +137,13 @@ def _affine(img, m):
 
 
 def _autocontrast(img):
-  x = tf.cast(img, tf.float32)
+  """PIL ImageOps.autocontrast per channel: lut = int(x * scale - lo * scale) in double precision."""
+  x = tf.cast(img, tf.float64)
   lo = tf.reduce_min(x, axis=[0, 1], keepdims=True)
   hi = tf.reduce_max(x, axis=[0, 1], keepdims=True)
   scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
-  off = tf.where(hi > lo, lo, 0.0)
-  return tf.cast(tf.clip_by_value((x - off) * scale, 0, 255), tf.uint8)
+  off = tf.where(hi > lo, -lo * scale, 0.0)
+  return tf.cast(tf.clip_by_value(tf.floor(x * scale + off), 0, 255), tf.uint8)
 
 
 def _equalize_channel(c):
