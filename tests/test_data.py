@@ -190,14 +190,23 @@ def test_train_transform_properties():
 
 
 def test_randaugment_ops():
-  import tensorflow as tf
   rng = np.random.RandomState(0)
-  img = tf.constant(rng.randint(40, 200, (32, 32, 3)).astype(np.uint8))
-  np.testing.assert_array_equal(T._equalize(img).numpy(), np.asarray(ImageOps.equalize(Image.fromarray(img.numpy()))))
-  np.testing.assert_array_equal(T._autocontrast(img).numpy(), np.asarray(ImageOps.autocontrast(Image.fromarray(img.numpy()))))
-  shifted = T._affine(img, tf.constant([[1.0, 0, 5], [0, 1.0, 0]])).numpy()
-  np.testing.assert_array_equal(shifted[:, 5:], img.numpy()[:, :-5])  # translate by +5 px
-  assert (shifted[:, :5] == 128).all()  # official fill
+  img = Image.fromarray(rng.randint(40, 200, (32, 32, 3)).astype(np.uint8))
+  # u = (op, apply, sign) per draw; op index = int(u * 10)
+  def aug(op1, op2=0, sign=0.9):
+    return np.asarray(T.pil_rand_augment(img, [op1 / 10 + 0.01, 0.1, sign, op2 / 10 + 0.01, 0.1, sign]))
+  np.testing.assert_array_equal(aug(4), np.asarray(ImageOps.equalize(img)))
+  np.testing.assert_array_equal(aug(1), np.asarray(ImageOps.autocontrast(img)))
+  shifted = aug(7)  # TranslateX +5 px, fill 128
+  np.testing.assert_array_equal(shifted[:, 5:], np.asarray(img)[:, :-5])
+  assert (shifted[:, :5] == 128).all()
+  np.testing.assert_array_equal(aug(7, 7)[:, 10:], np.asarray(img)[:, :-10])  # two warps composed into one
+  np.testing.assert_array_equal(aug(0), np.asarray(img))  # Identity
+  skipped = np.asarray(T.pil_rand_augment(img, [0.71, 0.9, 0.9, 0.51, 0.7, 0.9]))  # p=0.5 not drawn
+  np.testing.assert_array_equal(skipped, np.asarray(img))
+  rot = aug(9)  # Rotate +15 deg about the centre: the centre pixel stays
+  assert np.abs(rot[14:18, 14:18].astype(int) - np.asarray(img)[14:18, 14:18]).mean() < 40
+  assert (rot[0, 0] == 128).all()
 
 
 def test_normalisation_is_exact():

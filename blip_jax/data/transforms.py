@@ -5,22 +5,29 @@ bicubic) -> horizontal flip -> RandAugment(N=2, M=5) with the official op set ->
 Eval: bicubic resize to a square. CLIP normalisation happens on the device (`normalize`), so the
 host ships uint8.
 
-Speed: JPEGs are decoded only inside the crop window, at a reduced DCT scale (1/2, 1/4) when the
-crop is still at least the output size. EXIF orientation (which TF ignores) is read from the header;
-the crop box is sampled in stored coordinates (the sampling distribution is symmetric under the
-orientation's transpose/flips) and the orientation is applied to the small output square, which is
-equivalent to orienting first.
+Speed: JPEGs are decoded by TF only inside the crop window (libjpeg-turbo partial decode), at a
+reduced DCT scale (1/2, 1/4) when the crop is still at least twice the output size. Resizing and the
+augmentation ops run in Pillow's C code (a numpy_function; Pillow releases the GIL), which on CPU is
+several times faster than TF's antialiased resize and ImageProjectiveTransform; the geometric
+RandAugment ops of one example are composed into a single warp. EXIF orientation (which TF ignores)
+is read from the header; the crop box is sampled in stored coordinates (the sampling distribution is
+symmetric under the orientation's transpose/flips) and the orientation is applied to the small output
+square, which is equivalent to orienting first.
 
 Randomness comes from stateless ops keyed by a per-example seed, so a resumed run applies the
 same augmentation to the same example.
 """
 from __future__ import annotations
 
+import functools
+import io
 import math
 
+import numpy as np
 import tensorflow as tf
+from PIL import Image, ImageOps
 
-from blip_jax.data.exif import orientation_np
+from blip_jax.data.exif import jpeg_orientation, orientation_np
 
 FILL = 128  # official RandAugment fill colour
 
@@ -28,22 +35,6 @@ FILL = 128  # official RandAugment fill colour
 def _orientation(image_bytes):
   o = tf.numpy_function(orientation_np, [tf.strings.substr(image_bytes, 0, 1 << 16)], tf.int32, stateful=False)
   return tf.reshape(o, [])
-
-
-def apply_orientation(img, o):
-  """EXIF orientation o (1..8) applied to an HWC image."""
-  branches = [
-      lambda: img,                                      # 1
-      lambda: img,                                      # 1
-      lambda: tf.image.flip_left_right(img),            # 2 mirror
-      lambda: tf.image.rot90(img, 2),                   # 3 rotate 180
-      lambda: tf.image.flip_up_down(img),               # 4 mirror vertical
-      lambda: tf.image.transpose(img),                  # 5 transpose
-      lambda: tf.image.rot90(img, 3),                   # 6 rotate 90 CW
-      lambda: tf.image.rot90(tf.image.transpose(img), 2),  # 7 transverse
-      lambda: tf.image.rot90(img, 1),                   # 8 rotate 90 CCW
-  ]
-  return tf.switch_case(tf.clip_by_value(o, 0, 8), branches)
 
 
 def _shape(image_bytes):
@@ -96,103 +87,144 @@ def _decode_crop(image_bytes, y, x, ch, cw, size):
   return tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
 
 
-def _resize(img, size):
-  # bicubic (Keys a=-0.5, as PIL) with antialiasing when shrinking, as PIL's resize
-  out = tf.image.resize(tf.cast(img, tf.float32), [size, size], method="bicubic", antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-
-
 def decode_train(image_bytes, seed, size, scale=(0.2, 1.0), flip=True, randaug=True):
-  h, w = tf.unstack(_shape(image_bytes))
-  o = _orientation(image_bytes)
+  # JPEG: straight-line graph (tf.data map functions pay dearly for each cond/switch); others: Pillow
+  return tf.cond(tf.io.is_jpeg(image_bytes),
+                 lambda: _jpeg_train(image_bytes, seed, size, scale, flip, randaug),
+                 lambda: decode_train_pil(image_bytes, seed, size, scale, flip, randaug))
+
+
+def _jpeg_train(image_bytes, seed, size, scale, flip, randaug):
+  h, w = tf.unstack(tf.io.extract_jpeg_shape(image_bytes)[:2])
   y, x, ch, cw = sample_crop(seed, h, w, scale)
-  img = _resize(_decode_crop(image_bytes, y, x, ch, cw, size), size)
-  img = apply_orientation(img, o)
+  crop = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, ch, cw]), channels=3)
+  u = tf.random.stateless_uniform([7], seed + 3)  # flip, then 2 x (op, apply, sign)
+  params = tf.concat([tf.cast(tf.stack([_orientation(image_bytes)]), tf.float32), u], 0)
+  img = tf.numpy_function(functools.partial(_pil_finish, size=size, flip=flip, randaug=randaug),
+                          [crop, params], tf.uint8, stateful=False)
   img.set_shape([size, size, 3])
-  if flip:
-    img = tf.cond(tf.random.stateless_uniform([], seed + 3) < 0.5, lambda: tf.image.flip_left_right(img), lambda: img)
-  if randaug:
-    img = rand_augment(img, seed + 4)
   return img
 
 
 def decode_eval(image_bytes, size):
   h, w = tf.unstack(_shape(image_bytes))
-  img = _resize(_decode_crop(image_bytes, tf.constant(0), tf.constant(0), h, w, size), size)
-  img = apply_orientation(img, _orientation(image_bytes))
+  crop = _decode_crop(image_bytes, tf.constant(0), tf.constant(0), h, w, size)
+  params = tf.concat([tf.cast(tf.stack([_orientation(image_bytes)]), tf.float32), tf.zeros([7])], 0)
+  img = tf.numpy_function(functools.partial(_pil_finish, size=size, flip=False, randaug=False),
+                          [crop, params], tf.uint8, stateful=False)
   img.set_shape([size, size, 3])
   return img
 
 
-# ---- RandAugment(N=2, M=5) as the official transform/randaugment.py behaves -----------------------
-def _affine(img, m):
-  """m: 2x3 forward affine (OpenCV warpAffine convention); bilinear, constant fill 128."""
-  a = tf.concat([m, tf.constant([[0.0, 0.0, 1.0]])], axis=0)
-  inv = tf.linalg.inv(a)  # ImageProjectiveTransform maps output -> input coordinates
-  t = tf.reshape(tf.concat([inv[0], inv[1], inv[2, :2]], 0), [1, 8])
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=tf.cast(img, tf.float32)[None], transforms=t, output_shape=tf.shape(img)[:2],
-      fill_value=float(FILL), interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-  return tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
-
-
-def _autocontrast(img):
-  """PIL ImageOps.autocontrast per channel: lut = int(x * scale - lo * scale) in double precision."""
-  x = tf.cast(img, tf.float64)
-  lo = tf.reduce_min(x, axis=[0, 1], keepdims=True)
-  hi = tf.reduce_max(x, axis=[0, 1], keepdims=True)
-  scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
-  off = tf.where(hi > lo, -lo * scale, 0.0)
-  return tf.cast(tf.clip_by_value(tf.floor(x * scale + off), 0, 255), tf.uint8)
-
-
-def _equalize_channel(c):
-  """PIL ImageOps.equalize on one channel."""
-  hist = tf.math.bincount(tf.cast(tf.reshape(c, [-1]), tf.int32), minlength=256, maxlength=256)
-  nonzero = tf.boolean_mask(hist, hist > 0)
-  step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
-  def eq():
-    lut = (tf.cumsum(hist) - hist + step // 2) // step
-    lut = tf.clip_by_value(lut, 0, 255)
-    return tf.cast(tf.gather(lut, tf.cast(c, tf.int32)), tf.uint8)
-  return tf.cond(step > 0, eq, lambda: c)
-
-
-def _equalize(img):
-  return tf.stack([_equalize_channel(img[..., i]) for i in range(3)], axis=-1)
-
-
-def rand_augment(img, seed, n_ops: int = 2, magnitude: int = 5, max_level: int = 10):
-  """Two ops drawn with replacement from the official list, each applied with p = 0.5.
-  Brightness and Sharpness are no-ops at M=5 (factor 0.5 * 1.8 + 0.1 = 1.0) and so left out."""
-  level = magnitude / max_level
-  shear, translate, rotate = 0.3 * level, 10 * level, 30 * level  # +-0.15, +-5 px, +-15 deg
-  h = tf.cast(tf.shape(img)[0], tf.float32)
-  w = tf.cast(tf.shape(img)[1], tf.float32)
-  for i in range(n_ops):
-    s = seed + 10 * (i + 1)
-    op = tf.random.stateless_uniform([], s, 0, 10, dtype=tf.int32)
-    apply = tf.random.stateless_uniform([], s + 1) < 0.5
-    sign = tf.where(tf.random.stateless_uniform([], s + 2) < 0.5, -1.0, 1.0)
-    ang = sign * rotate * math.pi / 180
-    cx, cy = (w - 1) / 2, (h - 1) / 2
-    cos, sin = tf.cos(ang), tf.sin(ang)
-    rot = tf.stack([tf.stack([cos, sin, (1 - cos) * cx - sin * cy]),
-                    tf.stack([-sin, cos, sin * cx + (1 - cos) * cy])])
-    branches = [
-        lambda: img,  # Identity
-        lambda: _autocontrast(img),
-        lambda: img,  # Brightness at M=5
-        lambda: img,  # Sharpness at M=5
-        lambda: _equalize(img),
-        lambda: _affine(img, tf.stack([[1.0, sign * shear, 0.0], [0.0, 1.0, 0.0]])),  # ShearX
-        lambda: _affine(img, tf.stack([[1.0, 0.0, 0.0], [sign * shear, 1.0, 0.0]])),  # ShearY
-        lambda: _affine(img, tf.stack([[1.0, 0.0, sign * translate], [0.0, 1.0, 0.0]])),  # TranslateX
-        lambda: _affine(img, tf.stack([[1.0, 0.0, 0.0], [0.0, 1.0, sign * translate]])),  # TranslateY
-        lambda: _affine(img, rot),  # Rotate about the centre
-    ]
-    img = tf.cond(apply, lambda: tf.switch_case(op, branches), lambda: img)
+def decode_train_pil(image_bytes, seed, size, scale=(0.2, 1.0), flip=True, randaug=True):
+  """The whole train transform in one Pillow call (no TF control flow in the map function)."""
+  u = tf.random.stateless_uniform([30], seed)
+  img = tf.numpy_function(functools.partial(_pil_train, size=size, scale=scale, flip=flip, randaug=randaug),
+                          [image_bytes, u], tf.uint8, stateful=False)
+  img.set_shape([size, size, 3])
   return img
+
+
+def pil_crop_box(u, w, h, scale, ratio=(3 / 4, 4 / 3)):
+  """torchvision RandomResizedCrop.get_params from 22 uniforms: (x, y, cw, ch)."""
+  area = w * h
+  for k in range(10):
+    a = area * (scale[0] + (scale[1] - scale[0]) * u[2 * k])
+    r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[2 * k + 1])
+    cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+    if 0 < cw <= w and 0 < ch <= h:
+      return int(u[20] * (w - cw + 1)), int(u[21] * (h - ch + 1)), cw, ch
+  in_ratio = w / h
+  if in_ratio < ratio[0]:
+    cw, ch = w, int(round(w / ratio[0]))
+  elif in_ratio > ratio[1]:
+    ch, cw = h, int(round(h * ratio[1]))
+  else:
+    cw, ch = w, h
+  return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def _pil_train(data, u, size, scale, flip, randaug):
+  img = Image.open(io.BytesIO(data))
+  o = jpeg_orientation(data[:1 << 16]) if img.format == "JPEG" else 1
+  w, h = img.size
+  x, y, cw, ch = pil_crop_box(u, w, h, scale)
+  k = 1
+  if img.format == "JPEG":  # DCT-domain downscale while the crop stays >= 2x the output
+    while k < 8 and min(cw, ch) >= 2 * k * size:
+      k *= 2
+    if k > 1:
+      img.draft("RGB", ((w + k - 1) // k, (h + k - 1) // k))
+  sx, sy = img.size[0] / w, img.size[1] / h
+  img = img.convert("RGB").resize((size, size), Image.BICUBIC, box=(x * sx, y * sy, (x + cw) * sx, (y + ch) * sy))
+  for t in _TRANSPOSE.get(o, []):
+    img = img.transpose(t)
+  if flip and u[22] < 0.5:
+    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+  if randaug:
+    img = pil_rand_augment(img, u[23:29])
+  return np.asarray(img, np.uint8)
+
+
+_TRANSPOSE = {2: [Image.FLIP_LEFT_RIGHT], 3: [Image.ROTATE_180], 4: [Image.FLIP_TOP_BOTTOM],
+              5: [Image.TRANSPOSE], 6: [Image.ROTATE_270], 7: [Image.TRANSVERSE], 8: [Image.ROTATE_90]}
+
+
+def _pil_finish(crop, params, size, flip, randaug):
+  """uint8 crop -> bicubic resize (PIL, antialiased) -> EXIF orientation -> flip -> RandAugment."""
+  img = Image.fromarray(crop).resize((size, size), Image.BICUBIC)
+  for t in _TRANSPOSE.get(int(params[0]), []):
+    img = img.transpose(t)
+  if flip and params[1] < 0.5:
+    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+  if randaug:
+    img = pil_rand_augment(img, params[2:8])
+  return np.asarray(img, np.uint8)
+
+
+def _affine_matrix(op, sign, level, w, h):
+  shear, translate, rotate = 0.3 * level * sign, 10 * level * sign, 30 * level * sign
+  if op == 5:
+    return np.array([[1, shear, 0], [0, 1, 0], [0, 0, 1]], np.float64)  # ShearX
+  if op == 6:
+    return np.array([[1, 0, 0], [shear, 1, 0], [0, 0, 1]], np.float64)  # ShearY
+  if op == 7:
+    return np.array([[1, 0, translate], [0, 1, 0], [0, 0, 1]], np.float64)  # TranslateX (pixels)
+  if op == 8:
+    return np.array([[1, 0, 0], [0, 1, translate], [0, 0, 1]], np.float64)  # TranslateY
+  a = math.radians(rotate)  # Rotate about the centre (OpenCV getRotationMatrix2D)
+  c, s = math.cos(a), math.sin(a)
+  cx, cy = (w - 1) / 2, (h - 1) / 2
+  return np.array([[c, s, (1 - c) * cx - s * cy], [-s, c, s * cx + (1 - c) * cy], [0, 0, 1]], np.float64)
+
+
+def pil_rand_augment(img, u, n_ops: int = 2, magnitude: int = 5, max_level: int = 10):
+  """RandomAugment(2, 5) as the official transform/randaugment.py behaves: ops drawn with
+  replacement from (Identity, AutoContrast, Brightness, Sharpness, Equalize, ShearX, ShearY,
+  TranslateX, TranslateY, Rotate), each applied with p = 0.5; Brightness and Sharpness are no-ops at
+  M=5 (factor 0.5 * 1.8 + 0.1 = 1.0). Consecutive geometric ops are composed into one bilinear warp
+  (fill 128), so an example pays for at most one. u: 6 uniforms (op, apply, sign) per draw."""
+  level = magnitude / max_level
+  pending = np.eye(3)
+  for k in range(n_ops):
+    op = min(int(u[3 * k] * 10), 9)
+    if u[3 * k + 1] >= 0.5 or op in (0, 2, 3):
+      continue
+    if op in (1, 4):  # intensity ops see the image warped so far
+      img = _warp(img, pending)
+      pending = np.eye(3)
+      img = ImageOps.autocontrast(img) if op == 1 else ImageOps.equalize(img)
+    else:
+      pending = _affine_matrix(op, -1.0 if u[3 * k + 2] < 0.5 else 1.0, level, *img.size) @ pending
+  return _warp(img, pending)
+
+
+def _warp(img, m):
+  if np.allclose(m, np.eye(3)):
+    return img
+  inv = np.linalg.inv(m)  # PIL's AFFINE data maps output -> input
+  return img.transform(img.size, Image.AFFINE, tuple(inv[:2].reshape(-1)), Image.BILINEAR,
+                       fillcolor=(FILL, FILL, FILL))
 
 
 # ---- text in TF (so empty captions can be dropped before batching) ---------------------------------
