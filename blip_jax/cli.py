@@ -93,6 +93,7 @@ def cmd_make_shards(a):
 def build_parser():
   p = argparse.ArgumentParser(prog="blip-jax", description="BLIP in JAX/Flax")
   sub = p.add_subparsers(dest="cmd", required=True)
+  sub.add_parser("train", help="pretrain: --config=configs/pretrain.py:VARIANT --workdir=DIR [--config.k=v]")
 
   c = sub.add_parser("convert", help="official .pth | HF dir | ours -> ours (Orbax) or an HF dir")
   c.add_argument("src")
@@ -132,8 +133,35 @@ def build_parser():
   return p
 
 
+def train_main(argv):
+  """`blip-jax train --config=configs/pretrain.py:VARIANT --workdir=DIR [--config.key=value ...]`."""
+  from absl import flags
+  from ml_collections import config_flags
+  fl = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file:variant", flag_values=fl, lock_config=True)
+  flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard and metrics go here", flag_values=fl)
+  try:
+    fl(["blip-jax train"] + argv)
+  except (flags.Error, KeyError, AttributeError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if fl.config is None or not fl.workdir:
+    sys.exit("usage: blip-jax train --config=configs/pretrain.py:VARIANT --workdir=DIR [--config.key=value ...]")
+  from blip_jax.train import launch
+  launch.maybe_initialize_distributed()
+  from blip_jax.train.trainer import ConfigError, train
+  try:
+    train(fl.config, fl.workdir)
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
+  except FloatingPointError as e:
+    sys.exit(f"error: {e}")
+
+
 def main(argv=None):
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] == "train":
+    return train_main(argv[1:])
   args = build_parser().parse_args(argv)
   try:
     args.fn(args)

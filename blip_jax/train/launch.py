@@ -1,0 +1,15 @@
+"""Multi-host start-up: jax.distributed.initialize() where the environment calls for it."""
+import os
+
+
+def maybe_initialize_distributed():
+  """TPU pods (TPU VM metadata), SLURM (SLURM_* vars, one task per host) or explicit
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID: call jax.distributed.initialize()
+  before any other JAX call. A single process does nothing."""
+  import jax
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()  # cluster auto-detection (SLURM, TPU pod)

@@ -1,0 +1,230 @@
+"""The pretraining step: ITC + ITM + LM in one jitted, sharded function (blip_facts §3.2).
+
+State (a plain dict pytree, checkpointed as is):
+  step, params (the pretraining model), opt_state (AdamW), momentum (EMA towers: ViT, text encoder,
+  projections), image_queue / text_queue [Q, 256], idx_queue [Q], queue_ptr, rng, nonfinite_step.
+Order inside a step, as official: EMA update of the momentum towers first, then the forward passes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from blip_jax import losses
+from blip_jax.models.blip import Blip
+from blip_jax.models.config import BlipConfig
+from blip_jax.models.init import MOMENTUM_TOWERS, init_boxed, momentum_config
+from blip_jax.preprocess import CLIP_MEAN, CLIP_STD
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  momentum: float = 0.995
+  queue_size: int = 57600
+  alpha: float = 0.4
+  alpha_ramp_steps: int = 0  # linear ramp of alpha over these steps (official: 2 epochs)
+  temp_min: float = 0.001
+  temp_max: float = 0.5
+  itm_scope: str = "local"  # local: per data shard (official pretraining) | global: whole batch
+  itm_groups: int = 1  # number of data shards for 'local' (set by the trainer from the mesh)
+  label_smoothing: float = 0.1
+  use_image_ids: bool = False  # ITC positives by image id (retrieval finetuning)
+  grad_accum: int = 1
+
+
+def momentum_view(params: dict) -> dict:
+  """The online weights that the momentum towers track: the encoder side of the pretraining model
+  (the encoder's self-attention set, no decoder self-attention and no LM head)."""
+  out = {k: params[k] for k in MOMENTUM_TOWERS}
+  te = dict(out["text_encoder"])
+  for k in list(te):
+    if k.startswith("lm_"):
+      del te[k]
+    elif k.startswith("layer_"):
+      te[k] = {n: v for n, v in te[k].items() if n != "self_attn_dec"}
+  out["text_encoder"] = te
+  return out
+
+
+def normalize_images(images):
+  """uint8 [B, H, W, 3] from the input pipeline -> CLIP-normalised float32 (on the device)."""
+  if images.dtype == jnp.uint8:
+    return (images.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+  return images
+
+
+def init_state(cfg: BlipConfig, tx: optax.GradientTransformation, loss_cfg: LossConfig, rng, *, boxed: bool = False):
+  """A fresh state. boxed=True keeps the logical-axis boxes (for eval_shape -> shardings)."""
+  import flax.linen as nn
+  k_params, k_queue, k_rng = jax.random.split(rng, 3)
+  params = init_boxed(cfg, k_params)
+  plain = nn.meta.unbox(params)
+  momentum = jax.tree.map(lambda x: x, momentum_view(params))  # a copy, boxes kept
+  q = loss_cfg.queue_size
+  qi, qt = jax.random.normal(k_queue, (2, q, cfg.embed_dim))
+  norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)  # official: randn normalised per feature
+  state = {
+      "step": jnp.zeros((), jnp.int32),
+      "params": params,
+      "opt_state": tx.init(params if boxed else plain),
+      "momentum": momentum,
+      "image_queue": norm(qi), "text_queue": norm(qt),
+      "idx_queue": jnp.full((q,), -100, jnp.int32),
+      "queue_ptr": jnp.zeros((), jnp.int32),
+      "rng": k_rng,
+      "nonfinite_step": jnp.full((), -1, jnp.int32),
+  }
+  return state if boxed else nn.meta.unbox(state)
+
+
+def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, queues, temp_and_alpha, rng):
+  """Losses of one (micro)batch. Returns (total, (metrics, image_feat_m, text_feat_m))."""
+  model, mom_model = Blip(cfg), Blip(momentum_config(cfg))
+  temp, alpha = temp_and_alpha
+  temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max) if temp is None else temp
+  pixels = normalize_images(batch["image"])
+  ids, mask = batch["text_ids"], batch["text_mask"]
+  k_drop, k_neg_i, k_neg_t = jax.random.split(rng, 3)
+  rngs = {"dropout": k_drop}
+
+  def online(m):
+    image_embeds = m.encode_image(pixels, train=True)
+    image_feat = m.image_feat(image_embeds)
+    text_feat = m.text_feat(ids, mask, train=True)
+    return image_embeds, image_feat, text_feat
+  image_embeds, image_feat, text_feat = model.apply({"params": params}, method=online, rngs=rngs)
+
+  def mom(m):
+    e = m.encode_image(pixels)
+    return m.image_feat(e), m.text_feat(ids, mask)
+  # the retrieval-kind module also declares temp and itm_head, which the momentum forward never reads
+  mom_params = {**momentum, "temp": params["temp"], "itm_head": params["itm_head"]}
+  image_feat_m, text_feat_m = jax.lax.stop_gradient(mom_model.apply({"params": mom_params}, method=mom))
+
+  idx = batch.get("image_id") if loss_cfg.use_image_ids else None
+  loss_itc, (sim_i2t, sim_t2i) = losses.itc_loss(
+      image_feat, text_feat, image_feat_m, text_feat_m, queues["image_queue"], queues["text_queue"],
+      temp, alpha, idx=None if idx is None else idx.astype(jnp.int32), idx_queue=queues["idx_queue"])
+
+  # ITM with hard negatives, sampled from the contrastive similarities (official pretraining:
+  # online text vs momentum image of the in-batch columns, per device; 'global': online vs online).
+  g = ids.shape[0]
+  if loss_cfg.itm_scope == "local":
+    w_t2i = losses.negative_weights(sim_t2i[:, :g], loss_cfg.itm_groups)
+    w_i2t = losses.negative_weights(sim_i2t[:, :g], loss_cfg.itm_groups)
+  else:
+    s = image_feat @ text_feat.T / temp
+    gid = idx if idx is not None else jnp.arange(g)
+    w_i2t = losses.negative_weights(s, 1, idx=gid)
+    w_t2i = losses.negative_weights(s.T, 1, idx=gid)
+  neg_image = losses.sample_negatives(k_neg_i, w_t2i)  # for each text, an image
+  neg_text = losses.sample_negatives(k_neg_t, w_i2t)  # for each image, a text
+
+  def itm(m):
+    pos = m.itm_logits(image_embeds, ids, mask, train=True)
+    images = jnp.concatenate([image_embeds[neg_image], image_embeds], axis=0)
+    texts = jnp.concatenate([ids, ids[neg_text]], axis=0)
+    masks = jnp.concatenate([mask, mask[neg_text]], axis=0)
+    neg = m.itm_logits(images, texts, masks, train=True)
+    lm = m.lm_logits(image_embeds, ids, mask, train=True)
+    return pos, neg, lm
+  logits_pos, logits_neg, lm_logits = model.apply({"params": params}, method=itm, rngs=rngs)
+  loss_itm, itm_acc = losses.itm_loss(logits_pos, logits_neg)
+  loss_lm = losses.lm_loss(lm_logits, ids, mask, label_smoothing=loss_cfg.label_smoothing)
+  total = loss_itc + loss_itm + loss_lm
+  metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm,
+             "itm_acc": itm_acc}
+  return total, (metrics, image_feat_m, text_feat_m)
+
+
+def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation,
+                    lr_fn: Callable, steps_per_epoch: int):
+  """Returns step(state, batch) -> (state, metrics). Pure; jit it with shardings."""
+
+  def step(state, batch):
+    s = state["step"]
+    rng = jax.random.fold_in(state["rng"], s)
+    params = state["params"]
+    temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)
+    ramp = jnp.minimum(1.0, s / loss_cfg.alpha_ramp_steps) if loss_cfg.alpha_ramp_steps else 1.0
+    alpha = loss_cfg.alpha * ramp
+    # 1. momentum update before the momentum forward (official order)
+    m = loss_cfg.momentum
+    momentum = jax.tree.map(lambda pm, p: m * pm + (1 - m) * p, state["momentum"], momentum_view(params))
+    queues = {k: state[k] for k in ("image_queue", "text_queue", "idx_queue")}
+
+    # 2. forward/backward, over micro-batches when accumulating
+    k = loss_cfg.grad_accum
+    def micro(carry, mb):
+      grads_acc, i = carry
+      f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, (None, alpha), jax.random.fold_in(rng, i))
+      (_, (metrics, feat_i, feat_t)), grads = jax.value_and_grad(f, has_aux=True)(params)
+      grads_acc = jax.tree.map(lambda a, g: a + g / k, grads_acc, grads)
+      return (grads_acc, i + 1), (metrics, feat_i, feat_t)
+    if k == 1:
+      (grads, _), (metrics, feat_i, feat_t) = micro((jax.tree.map(jnp.zeros_like, params), 0), batch)
+    else:
+      mbs = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
+      (grads, _), (metrics, feat_i, feat_t) = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), 0), mbs)
+      metrics = jax.tree.map(jnp.mean, metrics)
+      feat_i, feat_t = feat_i.reshape(-1, feat_i.shape[-1]), feat_t.reshape(-1, feat_t.shape[-1])
+
+    # 3. AdamW update; temperature kept in range (official clamps in place each step)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    new_params = {**new_params, "temp": jnp.clip(new_params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)}
+
+    # 4. enqueue the momentum features of the whole global batch
+    g = feat_i.shape[0]
+    ptr = state["queue_ptr"]
+    upd = lambda q, x: jax.lax.dynamic_update_slice(q, x.astype(q.dtype), (ptr,) + (0,) * (q.ndim - 1))
+    ids_g = batch.get("image_id", jnp.full((g,), -100)).astype(jnp.int32)
+    new = {
+        "step": s + 1, "params": new_params, "opt_state": opt_state, "momentum": momentum,
+        "image_queue": upd(state["image_queue"], feat_i), "text_queue": upd(state["text_queue"], feat_t),
+        "idx_queue": upd(state["idx_queue"], ids_g),
+        "queue_ptr": (ptr + g) % state["image_queue"].shape[0], "rng": state["rng"],
+    }
+    # 5. a non-finite loss leaves the state as it was and records the step (the loop stops there)
+    finite = jnp.isfinite(metrics["loss"])
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+    new = {k_: keep(v, state[k_]) if k_ not in ("step",) else v for k_, v in new.items()}
+    new["nonfinite_step"] = jnp.where(finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"], s)
+    metrics = {**metrics, "lr": lr_fn(s), "temp": temp, "alpha": alpha,
+               "grad_norm": optax.global_norm(grads)}
+    return new, metrics
+
+  return step
+
+
+def paper_schedule(lr: float, warmup_steps: int, warmup_lr: float, decay_rate: float, min_lr: float,
+                   steps_per_epoch: int) -> Callable:
+  """Linear warm-up from warmup_lr over warmup_steps, then lr * decay_rate ** epoch, floored."""
+  def fn(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = warmup_lr + (lr - warmup_lr) * step / max(warmup_steps, 1)
+    epoch = jnp.floor(step / max(steps_per_epoch, 1))
+    decayed = jnp.maximum(min_lr, lr * decay_rate ** epoch)
+    return jnp.where(step < warmup_steps, jnp.minimum(warm, lr), decayed)
+  return fn
+
+
+def make_optimizer(opt: dict, steps_per_epoch: int, total_steps: int):
+  if opt["schedule"] == "paper":
+    lr_fn = paper_schedule(opt["lr"], opt["warmup_steps"], opt["warmup_lr"], opt["decay_rate"],
+                           opt["min_lr"], steps_per_epoch)
+  elif opt["schedule"] == "cosine":
+    lr_fn = optax.warmup_cosine_decay_schedule(opt["warmup_lr"], opt["lr"], opt["warmup_steps"],
+                                               max(total_steps, opt["warmup_steps"] + 1), opt["min_lr"])
+  else:
+    raise ValueError(f"optim.schedule must be 'paper' or 'cosine', got {opt['schedule']!r}")
+  chain = []
+  if opt.get("clip_grad_norm", 0) > 0:
+    chain.append(optax.clip_by_global_norm(opt["clip_grad_norm"]))
+  # official: one parameter group, weight decay on every parameter (blip_facts §3.6)
+  chain.append(optax.adamw(lr_fn, b1=opt["b1"], b2=opt["b2"], eps=opt["eps"], weight_decay=opt["weight_decay"]))
+  return optax.chain(*chain), lr_fn
