@@ -59,10 +59,12 @@ def _synthetic(c, image_size, n_train, n_eval):
   c.data.pipeline.update(crop_scale=(1.0, 1.0), flip=False, randaug=False, threads=2)
   c.eval.source = mlc.ConfigDict(dict(kind="synthetic", num_examples=n_eval, image_size=image_size, seed=0,
                                       split="val"))
-  c.tokenizer.update(type="sentencepiece", vocab_size=64)
+  c.tokenizer.update(type="sentencepiece", vocab_size=96)
   c.model.vit = ""
   c.model.image_size = image_size
   c.model.text.update(vocab_size=128, max_positions=64, dropout=0.0)
+  # identical synthetic captions share an image id: positives for ITC, never ITM negatives
+  c.loss.update(use_image_ids=True, itm_scope="global")
 
 
 def get_config(variant="vit_b"):
@@ -84,12 +86,12 @@ def get_config(variant="vit_b"):
     c.log_every, c.checkpoint_every = 5, 20
   elif variant == "demo":
     _synthetic(c, 48, 6144, 256)
-    c.model.vision.update(width=128, depth=3, heads=4, mlp_dim=512, patch=8)
-    c.model.text.update(width=128, depth=3, heads=4, mlp_dim=512)
-    c.batch_size, c.loss.queue_size = 32, 1024
-    c.total_steps = 700
+    c.model.vision.update(width=96, depth=2, heads=3, mlp_dim=384, patch=8)
+    c.model.text.update(width=96, depth=2, heads=3, mlp_dim=384)
+    c.batch_size, c.loss.queue_size, c.loss.momentum = 32, 256, 0.99
+    c.total_steps = 600
     c.loss.alpha_ramp_epochs = 1.0
-    c.optim.update(lr=1e-3, warmup_steps=50, schedule="cosine", min_lr=1e-5, weight_decay=0.05)
+    c.optim.update(lr=5e-4, warmup_steps=50, schedule="cosine", min_lr=1e-5, weight_decay=0.05)
     c.log_every, c.checkpoint_every = 50, 200
     c.eval.enabled = True
   else:

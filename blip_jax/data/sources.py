@@ -248,6 +248,11 @@ class SyntheticSource(Source):
     self.captions = [d[1] for d in data]
     self.t_image = tf.constant(self.images)
     self.t_text = tf.constant(self.captions)
+    # pairs with the same caption share an id: they are positives for each other (ITC with image ids,
+    # ITM negatives, and retrieval recall), since nothing can tell them apart
+    groups: dict = {}
+    self.group_ids = np.asarray([groups.setdefault(c, len(groups)) for c in self.captions], np.int64)
+    self.t_group = tf.constant(self.group_ids)
     self.n = num_examples
 
   def __len__(self):
@@ -255,7 +260,7 @@ class SyntheticSource(Source):
 
   def lookup(self, index):
     return {"image": tf.gather(self.t_image, index), "texts": tf.gather(self.t_text, index)[None],
-            "image_id": tf.cast(index, tf.int64)}
+            "image_id": tf.gather(self.t_group, index)}
 
   def eval_texts(self):
     return list(self.captions), np.arange(self.n), [[i] for i in range(self.n)]

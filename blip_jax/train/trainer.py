@@ -73,6 +73,29 @@ def check_batch(c, mesh):
     raise ConfigError("; ".join(problems))
 
 
+def build(c, mcfg, mesh, steps_per_epoch: int, total_steps: int):
+  """(step_fn, init_fn, state_shardings, batch_sharding, loss_cfg) for a config on a mesh."""
+  import flax.linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from blip_jax.train.step import LossConfig, init_state, make_optimizer, make_train_step
+  tx, lr_fn = make_optimizer(c.optim.to_dict(), steps_per_epoch, total_steps)
+  shards = mesh.shape["data"] * mesh.shape.get("fsdp", 1)
+  loss_cfg = LossConfig(momentum=c.loss.momentum, queue_size=c.loss.queue_size, alpha=c.loss.alpha,
+                        alpha_ramp_steps=int(c.loss.alpha_ramp_epochs * steps_per_epoch),
+                        itm_scope=c.loss.itm_scope, itm_groups=shards if c.loss.itm_scope == "local" else 1,
+                        label_smoothing=c.loss.label_smoothing, use_image_ids=c.loss.use_image_ids,
+                        grad_accum=c.optim.grad_accum)
+  shardings, rules = state_shardings(c, mcfg, tx, loss_cfg, mesh)
+  batch_sharding = NamedSharding(mesh, P(("data", "fsdp") if "fsdp" in mesh.shape else "data"))
+  replicated = NamedSharding(mesh, P())
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    step_fn = jax.jit(make_train_step(mcfg, loss_cfg, tx, lr_fn, steps_per_epoch),
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                      donate_argnums=(0,))
+    init_fn = jax.jit(lambda r: init_state(mcfg, tx, loss_cfg, r), out_shardings=shardings)
+  return step_fn, init_fn, shardings, batch_sharding, loss_cfg
+
+
 def state_shardings(c, mcfg, tx, loss_cfg, mesh):
   import flax.linen as nn
   from blip_jax.train.step import init_state
@@ -83,8 +106,9 @@ def state_shardings(c, mcfg, tx, loss_cfg, mesh):
 
 
 # ---- evaluation used by the demo ----------------------------------------------------------------
-def evaluate_retrieval(cfg, params, images, ids, mask, batch=64):
-  """R@1 both ways with ITC cosine over a held-out set with one caption per image."""
+def evaluate_retrieval(cfg, params, images, ids, mask, groups=None, batch=64):
+  """R@1 both ways with ITC cosine over a held-out set with one caption per image. `groups`: pairs
+  with the same group id (identical captions) count as correct for each other."""
   from blip_jax.models.blip import Blip
   from blip_jax.train.step import normalize_images
   f_img = jax.jit(lambda p, x: Blip(cfg).apply({"params": p}, normalize_images(x), method=lambda m, x: m.image_feat(m.encode_image(x))))
@@ -93,12 +117,14 @@ def evaluate_retrieval(cfg, params, images, ids, mask, batch=64):
   ft = np.concatenate([np.asarray(f_txt(params, ids[s:s + batch], mask[s:s + batch])) for s in range(0, len(ids), batch)])
   sim = fi @ ft.T
   n = len(fi)
-  i2t = float((sim.argmax(1) == np.arange(n)).mean())
-  t2i = float((sim.argmax(0) == np.arange(n)).mean())
-  return {"i2t_r1": i2t, "t2i_r1": t2i, "chance": 1.0 / n, "n": n}
+  g = np.arange(n) if groups is None else np.asarray(groups)
+  i2t = float((g[sim.argmax(1)] == g).mean())
+  t2i = float((g[sim.argmax(0)] == g).mean())
+  chance = float(np.mean([(g == x).mean() for x in g]))  # expected R@1 of a random ranking
+  return {"i2t_r1": i2t, "t2i_r1": t2i, "chance": chance, "n": n}
 
 
-def greedy_captions(cfg, params, images, tokenizer, max_len=20):
+def greedy_captions(cfg, params, images, tokenizer, max_len=30):
   from blip_jax.models.blip import Blip
   from blip_jax.models.decoding import decode_step, init_cache
   from blip_jax.train.step import normalize_images
@@ -166,11 +192,8 @@ def _packaged_vocab():
 def train(c, workdir: str):
   """Runs (or resumes) pretraining. Returns the final metrics dict."""
   import orbax.checkpoint as ocp
-  from flax import traverse_util  # noqa: F401
-  from jax.sharding import NamedSharding, PartitionSpec as P
   import blip_jax.data as D
   from blip_jax.data.device import global_batch
-  from blip_jax.train.step import LossConfig, init_state, make_optimizer, make_train_step
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -193,22 +216,7 @@ def train(c, workdir: str):
     raise ConfigError("a streaming source needs steps_per_epoch in the config")
   total_steps = c.total_steps if c.total_steps > 0 else c.epochs * steps_per_epoch
 
-  tx, lr_fn = make_optimizer(c.optim.to_dict(), steps_per_epoch, total_steps)
-  loss_cfg = LossConfig(momentum=c.loss.momentum, queue_size=c.loss.queue_size, alpha=c.loss.alpha,
-                        alpha_ramp_steps=int(c.loss.alpha_ramp_epochs * steps_per_epoch),
-                        itm_scope=c.loss.itm_scope, itm_groups=mesh.shape["data"] * mesh.shape.get("fsdp", 1) if c.loss.itm_scope == "local" else 1,
-                        label_smoothing=c.loss.label_smoothing, use_image_ids=c.loss.use_image_ids,
-                        grad_accum=c.optim.grad_accum)
-  shardings, rules = state_shardings(c, mcfg, tx, loss_cfg, mesh)
-  batch_sharding = NamedSharding(mesh, P(("data", "fsdp") if "fsdp" in mesh.shape else "data"))
-  replicated = NamedSharding(mesh, P())
-
-  import flax.linen as nn
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(make_train_step(mcfg, loss_cfg, tx, lr_fn, steps_per_epoch),
-                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-                      donate_argnums=(0,))
-    init_fn = jax.jit(lambda r: init_state(mcfg, tx, loss_cfg, r), out_shardings=shardings)
+  step_fn, init_fn, shardings, batch_sharding, loss_cfg = build(c, mcfg, mesh, steps_per_epoch, total_steps)
 
   options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, save_interval_steps=1,
                                          enable_async_checkpointing=True)
@@ -265,6 +273,9 @@ def train(c, workdir: str):
       history.append({"step": step, **metrics})
       writer.write_scalars(step, metrics)
       if jax.process_index() == 0:
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+          f.write(json.dumps({"step": step, **metrics}) + "\n")
+      if jax.process_index() == 0:
         print(f"step {step}/{total_steps} ep {pipe.epoch_progress:.2f} loss {metrics['loss']:.4f} "
               f"itc {metrics['loss_itc']:.4f} itm {metrics['loss_itm']:.4f} (acc {metrics['itm_acc']:.3f}) "
               f"lm {metrics['loss_lm']:.4f} lr {metrics['lr']:.2e} temp {metrics['temp']:.4f} "
@@ -282,9 +293,6 @@ def train(c, workdir: str):
         save(step)
   mngr.wait_until_finished()
   writer.flush()
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-    for h in history:
-      f.write(json.dumps(h) + "\n")
   result = {"final": metrics, "step": step}
   if c.eval.enabled and jax.process_index() == 0:
     result["eval"] = run_eval(c, mcfg, state["params"], tok)
@@ -297,12 +305,13 @@ def run_eval(c, mcfg, params, tok):
   src = D.make_source(c.eval.source.to_dict())
   pipe = D.InputPipeline(src, tok, dict(batch_size=64, image_size=mcfg.vision.image_size, train=False,
                                         text_length=c.data.pipeline.text_length, max_words=c.data.pipeline.max_words))
-  images, ids, mask = [], [], []
+  images, ids, mask, groups = [], [], [], []
   for b in pipe:
     v = b["valid"]
     images.append(b["image"][v]); ids.append(b["text_ids"][v]); mask.append(b["text_mask"][v])
-  images, ids, mask = np.concatenate(images), np.concatenate(ids), np.concatenate(mask)
-  r = evaluate_retrieval(mcfg, params, images, ids, mask)
+    groups.append(b["image_id"][v])
+  images, ids, mask, groups = (np.concatenate(x) for x in (images, ids, mask, groups))
+  r = evaluate_retrieval(mcfg, params, images, ids, mask, groups)
   print(f"held-out retrieval on {r['n']} pairs: image->text R@1 {r['i2t_r1']:.3f}  text->image R@1 "
         f"{r['t2i_r1']:.3f}  (chance {r['chance']:.3f})", flush=True)
   caps = greedy_captions(mcfg, params, images[:c.eval.num_captions], tok)

@@ -1,0 +1,163 @@
+"""Pretraining: sharded step equivalence, multi-process, exact resume, signals, learning on real
+data, and start-up errors."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from pretrain_util import ROOT, run_steps, tiny_config
+
+BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
+NAMES = ("data", "fsdp", "tensor")
+
+
+def _mesh(shape):
+  n = int(np.prod(shape))
+  return Mesh(np.array(jax.devices()[:n]).reshape(shape), NAMES)
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return run_steps(tiny_config(), _mesh((1, 1, 1)))
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)], ids=["data8", "data2-fsdp2-tensor2"])
+def test_sharded_step_equals_single_device(single_device_run, shape):
+  assert len(jax.devices()) == 8
+  ref_metrics, ref_params = single_device_run
+  metrics, params = run_steps(tiny_config(), _mesh(shape))
+  for a, b in zip(metrics, ref_metrics):
+    for k in ("loss", "loss_itc", "loss_itm", "loss_lm", "grad_norm"):
+      assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
+  diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), params, ref_params))
+  assert max(diffs) <= 1e-5
+  # and training moved the params
+  assert metrics[0]["loss"] != metrics[1]["loss"]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  """2 processes x 2 CPU devices with jax.distributed on localhost == 1 process with 4 devices."""
+  worker = os.path.join(os.path.dirname(__file__), "mp_worker.py")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), "2", str(tmp_path / f"p{i}.json")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  single = subprocess.Popen([sys.executable, worker, "0", "1", "0", "4", str(tmp_path / "single.json")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for p in procs + [single]:
+    out, _ = p.communicate(timeout=400)
+    assert p.returncode == 0, out[-3000:]
+  multi = json.load(open(tmp_path / "p0.json"))
+  ref = json.load(open(tmp_path / "single.json"))
+  assert multi["devices"] == 4 and multi["processes"] == 2 and ref["processes"] == 1
+  np.testing.assert_allclose(multi["losses"], ref["losses"], atol=1e-5)
+  np.testing.assert_allclose(multi["param_sums"], ref["param_sums"], atol=1e-4)
+  assert json.load(open(tmp_path / "p1.json"))["losses"] == multi["losses"]
+
+
+def test_bad_override_fails_at_once(tmp_path):
+  t = time.time()
+  out = subprocess.run([BIN, "train", "--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}",
+                        "--config.optim.lerning_rate=1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0 and "lerning_rate" in out.stderr
+  assert time.time() - t < 60 and not os.listdir(tmp_path)
+
+
+def test_batch_that_does_not_fit_fails_clearly():
+  from blip_jax.train.trainer import ConfigError, check_batch
+  mesh = _mesh((8, 1, 1))
+  with pytest.raises(ConfigError, match="batch_size 12 is not divisible by the data-parallel size 8"):
+    check_batch(tiny_config(batch_size=12, **{"loss.queue_size": 24}), mesh)
+  with pytest.raises(ConfigError, match="queue_size 20 must be a multiple of the global batch 8.*16, 24"):
+    check_batch(tiny_config(**{"loss.queue_size": 20}), mesh)
+  from blip_jax.train.trainer import make_mesh
+  with pytest.raises(ConfigError, match="does not fit 8 devices"):
+    make_mesh(tiny_config(**{"mesh.data": 3}))
+
+
+def _train_cmd(workdir, *extra):
+  return [BIN, "train", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}", "--config.total_steps=12",
+          "--config.log_every=1", "--config.checkpoint_every=3", "--config.keep_checkpoints=10", *extra]
+
+
+def _env():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user's run
+  return env
+
+
+def _losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      r = json.loads(line)
+      out[r["step"]] = r["loss"]  # a re-run step overwrites: the last run of it counts
+  return out
+
+
+def _run_until(cmd, step, sig):
+  p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in p.stdout:
+    lines.append(line)
+    if line.startswith(f"step {step}/"):
+      p.send_signal(sig)
+      break
+  rest, _ = p.communicate(timeout=300)
+  return p.returncode, "".join(lines) + rest
+
+
+def test_sigterm_then_sigkill_resume_exactly(tmp_path):
+  straight = subprocess.run(_train_cmd(tmp_path / "a"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-2000:]
+  ref = _losses(tmp_path / "a")
+  assert sorted(ref) == list(range(1, 13))
+
+  work = tmp_path / "b"
+  rc, out = _run_until(_train_cmd(work), 5, signal.SIGTERM)  # (d) SIGTERM: save at the current step, exit 0
+  assert rc == 0, out[-2000:]
+  saved = int(out.split("saved checkpoint at step ")[1].split(";")[0])
+  assert saved >= 5 and str(saved) in os.listdir(work / "checkpoints")
+
+  rc, out = _run_until(_train_cmd(work), 10, signal.SIGKILL)  # (c) resume, then killed hard
+  assert rc == -signal.SIGKILL
+  assert f"step {saved + 1}/" in out  # resumed after the saved step
+  done = subprocess.run(_train_cmd(work), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+  got = _losses(work)
+  assert sorted(got) == list(range(1, 13))
+  assert got == ref  # every step's loss identical to the uninterrupted run
+
+
+def test_learns_on_coco_mini(tmp_path, coco):
+  """(e) 32 real COCO pairs at 64 px: ITC and LM loss go down, ITM accuracy ends above 0.8."""
+  ann = [{"image": p, "caption": caps[0]} for p, caps in coco[:32]]
+  (tmp_path / "pairs.json").write_text(json.dumps(ann))
+  cmd = [BIN, "train", "--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'w'}",
+         "--config.data.source.kind=json", f"--config.data.source.annotations=('{tmp_path / 'pairs.json'}',)",
+         "--config.data.source.image_root=", "--config.tokenizer.type=bert", "--config.model.text.vocab_size=30524",
+         "--config.model.image_size=64", "--config.model.vision.patch=16",
+         "--config.data.pipeline.crop_scale=(0.8, 1.0)", "--config.data.pipeline.randaug=False",
+         "--config.loss.use_image_ids=False", "--config.loss.itm_scope=local", "--config.loss.queue_size=32",
+         "--config.batch_size=8", "--config.total_steps=400", "--config.epochs=100", "--config.log_every=20",
+         "--config.checkpoint_every=1000", "--config.optim.lr=1e-3", "--config.optim.warmup_steps=20"]
+  run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+  rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]
+  first, last = rows[0], rows[-1]
+  assert last["loss_itc"] < first["loss_itc"] - 0.5
+  assert last["loss_lm"] < first["loss_lm"] - 1.0
+  assert np.mean([r["itm_acc"] for r in rows[-3:]]) > 0.8, [round(r["itm_acc"], 3) for r in rows]
