@@ -53,8 +53,7 @@ def base():
 
 
 def _synthetic(c, image_size, n_train, n_eval):
-  c.data.source = mlc.ConfigDict(dict(kind="synthetic", num_examples=n_train, image_size=image_size, seed=0,
-                                      split="train"))
+  c.data.source.update(kind="synthetic", num_examples=n_train, image_size=image_size, seed=0, split="train")
   # shapes, counts and left/right are the content: no crops, flips or warps
   c.data.pipeline.update(crop_scale=(1.0, 1.0), flip=False, randaug=False, threads=2)
   c.eval.source = mlc.ConfigDict(dict(kind="synthetic", num_examples=n_eval, image_size=image_size, seed=0,

@@ -14,7 +14,8 @@ def tiny_config(**over):
   c.unlock()
   c.model.image_size = 32
   c.model.vision.update(width=32, depth=1, heads=2, mlp_dim=64, patch=16)
-  c.model.text.update(width=32, depth=1, heads=2, mlp_dim=64, vocab_size=128, max_positions=16)
+  c.model.text.update(width=32, depth=1, heads=2, mlp_dim=64, vocab_size=128, max_positions=16,
+                      pad_id=0, cls_id=2, sep_id=3, dec_id=4, enc_id=5)
   c.batch_size, c.loss.queue_size = 8, 16
   c.loss.itm_scope = "global"  # sampling that does not depend on the mesh
   c.optim.update(lr=1e-5, warmup_steps=1, schedule="cosine")

@@ -143,7 +143,9 @@ def test_sigterm_then_sigkill_resume_exactly(tmp_path):
 
 
 def test_learns_on_coco_mini(tmp_path, coco):
-  """(e) 32 real COCO pairs at 64 px: ITC and LM loss go down, ITM accuracy ends above 0.8."""
+  """(e) 32 real COCO pairs at 64 px: ITC and LM loss go down, ITM accuracy ends above 0.8.
+  (ITM first sits at the 0.667 collapse while ITC sharpens the hard negatives, then escapes it
+  around step 400 with this learning rate.)"""
   ann = [{"image": p, "caption": caps[0]} for p, caps in coco[:32]]
   (tmp_path / "pairs.json").write_text(json.dumps(ann))
   cmd = [BIN, "train", "--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'w'}",
@@ -152,8 +154,9 @@ def test_learns_on_coco_mini(tmp_path, coco):
          "--config.model.image_size=64", "--config.model.vision.patch=16",
          "--config.data.pipeline.crop_scale=(0.8, 1.0)", "--config.data.pipeline.randaug=False",
          "--config.loss.use_image_ids=False", "--config.loss.itm_scope=local", "--config.loss.queue_size=32",
-         "--config.batch_size=8", "--config.total_steps=400", "--config.epochs=100", "--config.log_every=20",
-         "--config.checkpoint_every=1000", "--config.optim.lr=1e-3", "--config.optim.warmup_steps=20"]
+         "--config.batch_size=8", "--config.total_steps=600", "--config.epochs=100", "--config.log_every=25",
+         "--config.checkpoint_every=1000", "--config.optim.lr=2e-3", "--config.optim.warmup_steps=50",
+         "--config.optim.min_lr=2e-4"]
   run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
   rows = [json.loads(l) for l in open(tmp_path / "w" / "metrics.jsonl")]

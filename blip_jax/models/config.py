@@ -79,6 +79,12 @@ class BlipConfig:
       object.__setattr__(self, "vision", VisionConfig(**self.vision))
     if isinstance(self.text, dict):
       object.__setattr__(self, "text", TextConfig(**self.text))
+    t = self.text
+    bad = {n: getattr(t, n) for n in ("pad_id", "cls_id", "sep_id", "dec_id", "enc_id")
+           if not 0 <= getattr(t, n) < t.vocab_size}
+    if bad:
+      raise ValueError(f"special token ids {bad} are outside the text vocabulary ({t.vocab_size}); "
+                       "set them to the tokenizer's ids")
 
   @property
   def has_itc(self) -> bool:

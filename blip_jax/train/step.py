@@ -195,7 +195,7 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
     new = {k_: keep(v, state[k_]) if k_ not in ("step",) else v for k_, v in new.items()}
     new["nonfinite_step"] = jnp.where(finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"], s)
     metrics = {**metrics, "lr": lr_fn(s), "temp": temp, "alpha": alpha,
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new, metrics
 
   return step

@@ -26,13 +26,21 @@ class ConfigError(ValueError):
 
 
 # ---- config -> objects ------------------------------------------------------------------------
-def model_config(c):
+def model_config(c, tokenizer=None):
+  """The BlipConfig of a training config; the text special ids follow `tokenizer` when given."""
   from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig, VIT_SIZES
   m = c.model
   vision = dict(VIT_SIZES[m.vit]) if m.vit else {}
   vision.update(m.vision.to_dict())
   vision["image_size"] = m.image_size
-  return BlipConfig(kind="pretrain", vision=VisionConfig(**vision), text=TextConfig(**m.text.to_dict()),
+  text = m.text.to_dict()
+  if tokenizer is not None:
+    if tokenizer.vocab_size > text["vocab_size"]:
+      raise ConfigError(f"model.text.vocab_size {text['vocab_size']} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size}")
+    text.update(pad_id=tokenizer.pad_id, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
+                dec_id=tokenizer.dec_id, enc_id=tokenizer.enc_id)
+  return BlipConfig(kind="pretrain", vision=VisionConfig(**vision), text=TextConfig(**text),
                     embed_dim=m.embed_dim, dtype=m.dtype)
 
 
@@ -199,16 +207,10 @@ def train(c, workdir: str):
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(c)
   check_batch(c, mesh)
-  mcfg = model_config(c)
   host_batch = c.batch_size // jax.process_count()
-
   source = D.make_source(c.data.source.to_dict())
   tok = _tokenizer(c, workdir, source)
-  if tok.vocab_size > mcfg.text.vocab_size or mcfg.text.vocab_size != c.model.text.vocab_size:
-    raise ConfigError("model.text.vocab_size is smaller than the tokenizer's")
-  if tok.kind == "sentencepiece":  # the model's special ids follow the tokenizer (config: vocab_size=0 -> tokenizer's)
-    mcfg = mcfg.replace(text=mcfg.text.__class__(**{**mcfg.text.__dict__, "pad_id": tok.pad_id, "cls_id": tok.cls_id,
-                        "sep_id": tok.sep_id, "dec_id": tok.dec_id, "enc_id": tok.enc_id}))
+  mcfg = model_config(c, tok)
   pipe_cfg = dict(c.data.pipeline.to_dict(), batch_size=host_batch, image_size=mcfg.vision.image_size)
   pipe = D.InputPipeline(source, tok, pipe_cfg)
   steps_per_epoch = pipe.steps_per_epoch or c.steps_per_epoch
