@@ -164,3 +164,15 @@ def test_learns_on_coco_mini(tmp_path, coco):
   assert last["loss_itc"] < first["loss_itc"] - 0.5
   assert last["loss_lm"] < first["loss_lm"] - 1.0
   assert np.mean([r["itm_acc"] for r in rows[-3:]]) > 0.8, [round(r["itm_acc"], 3) for r in rows]
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
+  run = subprocess.run(_train_cmd(tmp_path / "w", "--config.optim.lr=1e12", "--config.optim.warmup_steps=1",
+                                  "--config.checkpoint_every=1"),
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+  assert run.returncode != 0
+  assert "non-finite loss at step" in run.stderr, run.stderr[-2000:]
+  bad = int(run.stderr.split("non-finite loss at step ")[1].split(";")[0])
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit())
+  assert steps and steps[-1] == bad - 1  # the last good step is kept, nothing after it
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "w" / "tb"))

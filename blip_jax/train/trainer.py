@@ -201,7 +201,7 @@ def train(c, workdir: str):
   """Runs (or resumes) pretraining. Returns the final metrics dict."""
   import orbax.checkpoint as ocp
   import blip_jax.data as D
-  from blip_jax.data.device import global_batch
+  from blip_jax.data.device import prefetch_to_device
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -245,9 +245,16 @@ def train(c, workdir: str):
   writer.write_hparams({k: str(v) for k, v in _flat(c.to_dict()).items()})
   stopper = _Stop()
 
+  keys = ("image", "text_ids", "text_mask", "image_id")
+  def host_batches():  # each batch tagged with the input position right after it
+    for b in pipe:
+      yield pipe.state(), {k: b[k] for k in keys}
+  batches = prefetch_to_device(host_batches(), batch_sharding, size=c.data.pipeline.prefetch)
+  data_state = pipe.state()
+
   def save(step, wait=False):
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave({"data": pipe.state(), "step": step})), force=True)
+                                            meta=ocp.args.JsonSave({"data": data_state, "step": step})), force=True)
     if wait:
       mngr.wait_until_finished()
 
@@ -255,10 +262,9 @@ def train(c, workdir: str):
   t_last, n_last, metrics = time.time(), step, {}
   history = []
   while step < total_steps:
-    batch = next(pipe)
-    batch = {k: v for k, v in batch.items() if k in ("image", "text_ids", "text_mask", "image_id")}
+    data_state, batch = next(batches)
     with jax.set_mesh(mesh):
-      state, m = step_fn(state, global_batch(batch, batch_sharding))
+      state, m = step_fn(state, batch)
     step += 1
     if step % c.log_every == 0 or step == total_steps or stopper.signal:
       bad = int(state["nonfinite_step"])
@@ -270,7 +276,7 @@ def train(c, workdir: str):
       dt = time.time() - t_last
       steps = max(step - n_last, 1)
       metrics.update(examples_per_s=steps * c.batch_size / dt, step_time_s=dt / steps,
-                     skipped_examples=pipe.skipped, epoch=pipe.epoch_progress)
+                     skipped_examples=data_state["skipped"], epoch=_progress(data_state, pipe.host_size))
       eta = (total_steps - step) * dt / steps
       history.append({"step": step, **metrics})
       writer.write_scalars(step, metrics)
@@ -278,11 +284,11 @@ def train(c, workdir: str):
         with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
           f.write(json.dumps({"step": step, **metrics}) + "\n")
       if jax.process_index() == 0:
-        print(f"step {step}/{total_steps} ep {pipe.epoch_progress:.2f} loss {metrics['loss']:.4f} "
+        print(f"step {step}/{total_steps} ep {metrics['epoch']:.2f} loss {metrics['loss']:.4f} "
               f"itc {metrics['loss_itc']:.4f} itm {metrics['loss_itm']:.4f} (acc {metrics['itm_acc']:.3f}) "
               f"lm {metrics['loss_lm']:.4f} lr {metrics['lr']:.2e} temp {metrics['temp']:.4f} "
               f"gnorm {metrics['grad_norm']:.3f} {metrics['examples_per_s']:.1f} ex/s "
-              f"{metrics['step_time_s'] * 1000:.0f} ms/step eta {eta / 60:.1f} min skipped {pipe.skipped}",
+              f"{metrics['step_time_s'] * 1000:.0f} ms/step eta {eta / 60:.1f} min skipped {data_state['skipped']}",
               flush=True)
       t_last, n_last = time.time(), step
     if stopper.signal:
@@ -350,6 +356,11 @@ def _initialise_from(c, mcfg, state, shardings):
     new["image_queue"], new["text_queue"] = buf["image_queue"].T, buf["text_queue"].T  # (256, Q) -> (Q, 256)
   new["opt_state"] = state["opt_state"]
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), new, shardings)
+
+
+def _progress(data_state, host_size):
+  """Epochs done as a float, at the input position of the last trained batch."""
+  return data_state["epoch"] + (data_state["position"] / host_size if host_size else 0.0)
 
 
 def _flat(d, prefix=""):
