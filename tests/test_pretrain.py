@@ -176,3 +176,38 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path
   steps = sorted(int(d) for d in os.listdir(tmp_path / "w" / "checkpoints") if d.isdigit())
   assert steps and steps[-1] == bad - 1  # the last good step is kept, nothing after it
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "w" / "tb"))
+
+
+def test_initialise_from_deit_and_bert(tmp_path):
+  """The paper's initialisation through the trainer's config path: ViT from a DeiT state dict,
+  text from a BERT dir; the momentum towers start as copies."""
+  import torch
+  from transformers import BertConfig, BertForMaskedLM
+  from blip_jax.checkpoints.convert import to_state_dict
+  from blip_jax.checkpoints.mapping import vit_entries
+  from blip_jax.models.init import init_params
+  from blip_jax.train.step import momentum_view
+  from blip_jax.train.trainer import _initialise_from, build, model_config
+  c = tiny_config()
+  mcfg = model_config(c)
+  donor = init_params(mcfg, jax.random.PRNGKey(7))
+  sd = to_state_dict(donor, vit_entries(mcfg, ("visual_encoder",), "visual_encoder."))
+  torch.save({k[len("visual_encoder."):]: torch.tensor(v) for k, v in sd.items()}, tmp_path / "deit.pth")
+  bert = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, max_position_embeddings=16))
+  bert.save_pretrained(tmp_path / "bert")
+  c.unlock()
+  c.init.deit, c.init.bert = str(tmp_path / "deit.pth"), str(tmp_path / "bert")
+  mesh = _mesh((1, 1, 1))
+  _, init_fn, shardings, _, _ = build(c, mcfg, mesh, 10, 20)
+  with jax.set_mesh(mesh):
+    state = _initialise_from(c, mcfg, init_fn(jax.random.PRNGKey(0)), shardings)
+  p = jax.tree.map(np.asarray, state["params"])
+  np.testing.assert_array_equal(p["visual_encoder"]["blocks_0"]["fc1"]["kernel"], donor["visual_encoder"]["blocks_0"]["fc1"]["kernel"])
+  np.testing.assert_allclose(p["text_encoder"]["layer_0"]["fc1"]["kernel"],
+                             bert.bert.encoder.layer[0].intermediate.dense.weight.detach().numpy().T)
+  np.testing.assert_allclose(p["text_encoder"]["word_embeddings"]["embedding"][:100],
+                             bert.bert.embeddings.word_embeddings.weight.detach().numpy())
+  mom = jax.tree.map(np.asarray, state["momentum"])
+  jax.tree.map(np.testing.assert_array_equal, mom, momentum_view(p))
+  assert state["params"]["visual_encoder"]["pos_embed"].sharding == shardings["params"]["visual_encoder"]["pos_embed"]
