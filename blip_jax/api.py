@@ -108,6 +108,21 @@ class BlipModel:
     self._require("answer decoder", self.config.kind == "vqa")
     return _vqa_answer_logits(self.config, self.params, *map(jnp.asarray, (pixels, q_ids, q_mask, a_ids, a_mask)))
 
+  def generate(self, pixels, prompt: str = "a picture of ", max_length: int = 20, min_length: int = 5):
+    """Greedy captions (official decoding counts the prompt in max/min length; the prompt is
+    stripped from the text). Beam search and nucleus sampling: not yet."""
+    from blip_jax.models.generate import greedy
+    self._require("decoder", self.config.kind in ("pretrain", "caption"))
+    if self.tokenizer is None:
+      raise ValueError("generate needs a tokenizer: pass vocab=PATH to load()")
+    ids = [self.config.text.dec_id] + self.tokenizer.encode(prompt)
+    pixels = jnp.asarray(pixels)
+    memory = self.encode_image(pixels)
+    prompt_ids = jnp.asarray([ids] * pixels.shape[0], jnp.int32)
+    tokens = greedy(self.config, self.params, memory, prompt_ids, max_length=max_length, min_length=min_length)
+    texts = [self.tokenizer.decode(t) for t in np.asarray(tokens)]
+    return [t[len(prompt):].strip() if prompt and t.startswith(prompt.strip()) else t for t in texts]
+
   # ---- saving ----
   def save(self, path: str) -> str:
     """Our format (Orbax + config JSON + tokenizer assets)."""
