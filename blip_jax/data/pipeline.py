@@ -155,11 +155,8 @@ class InputPipeline:
     ds = ds.map(self._process(epoch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()  # undecodable images, missing files: counted by position gaps
     ds = ds.filter(lambda ex: ex["ok"])  # empty / non-UTF-8 texts: counted the same way
-    pad = {"answers": tf.constant(b""), "weights": tf.constant(0.0)} if self.source.task == "vqa" else None
-    if pad:
-      ds = ds.padded_batch(c.batch_size, padding_values=None)
-    else:
-      ds = ds.batch(c.batch_size)
+    # VQA answer lists differ in length: padded with '' and weight 0
+    ds = ds.padded_batch(c.batch_size) if self.source.task == "vqa" else ds.batch(c.batch_size)
     opts = tf.data.Options()
     opts.threading.private_threadpool_size = c.threads
     opts.threading.max_intra_op_parallelism = 1
@@ -234,7 +231,7 @@ class InputPipeline:
       out["valid"] = np.ones(n, bool)
       if n < c.batch_size:
         out = {k: np.concatenate([v, np.zeros((c.batch_size - n,) + v.shape[1:], v.dtype)]) for k, v in out.items()}
-    out["index"] = b["position"] if not c.train else b["position"]
+    out["index"] = b["position"]  # global position of each example (-1: eval padding)
     if not c.train and n < c.batch_size:
       out["index"] = np.concatenate([b["position"], np.full(c.batch_size - n, -1)])
     return out

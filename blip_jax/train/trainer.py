@@ -133,27 +133,14 @@ def evaluate_retrieval(cfg, params, images, ids, mask, groups=None, batch=64):
 
 
 def greedy_captions(cfg, params, images, tokenizer, max_len=30):
+  """Greedy captions (no prompt) of uint8 images, decoded to text."""
   from blip_jax.models.blip import Blip
-  from blip_jax.models.decoding import decode_step, init_cache
+  from blip_jax.models.generate import greedy
   from blip_jax.train.step import normalize_images
-  b = images.shape[0]
   memory = jax.jit(lambda p, x: Blip(cfg).apply({"params": p}, normalize_images(x), method=Blip.encode_image))(params, images)
-  step = jax.jit(lambda p, c, i, mem, off: decode_step(cfg, p, c, i, mem, position_offset=off))
-  step_nomem = jax.jit(lambda p, c, i, off: decode_step(cfg, p, c, i, None, position_offset=off))
-  cache = init_cache(cfg, b, max_len, memory.shape[1])
-  tok = jnp.full((b, 1), cfg.text.dec_id, jnp.int32)
-  logits, cache = step(params, cache, tok, memory, 0)
-  out, done = [], np.zeros(b, bool)
-  for t in range(1, max_len):
-    nxt = np.asarray(jnp.argmax(logits[:, -1], -1))
-    nxt = np.where(done, cfg.text.pad_id, nxt)
-    out.append(nxt)
-    done |= nxt == cfg.text.sep_id
-    if done.all():
-      break
-    logits, cache = step_nomem(params, cache, jnp.asarray(nxt[:, None], jnp.int32), t)
-  toks = np.stack(out, 1)
-  return [tokenizer.decode(r) for r in toks]
+  prompt = jnp.full((images.shape[0], 1), cfg.text.dec_id, jnp.int32)
+  tokens = greedy(cfg, params, memory, prompt, max_length=max_len)
+  return [tokenizer.decode(r) for r in np.asarray(tokens)]
 
 
 # ---- the loop -----------------------------------------------------------------------------------
