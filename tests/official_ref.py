@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 
-import numpy as np
 import torch
 
 from blip_jax.checkpoints.mapping import to_hf_key

@@ -2,7 +2,6 @@
 transforms against PIL, bad data skipped and counted."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -51,9 +50,6 @@ def test_json_source_batches(small_json, tok):
   assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
   assert b["text_ids"].shape == (8, 30) and (b["text_ids"][:, 0] == 101).all()
   assert p.steps_per_epoch == 10 and p.state()["position"] == 8
-  # captions are cleaned as official pre_caption
-  texts = {pre_caption(e["caption"], 30) for e in json.load(open(small_json))}
-  assert tok.decode(b["text_ids"][0]).replace(" ' ", "'") in {t.replace(" ' ", "'") for t in texts} or True
   assert all(tok.decode(r) for r in b["text_ids"])
 
 
@@ -211,7 +207,6 @@ def test_randaugment_ops():
 
 
 def test_normalisation_is_exact():
-  import jax.numpy as jnp
   from blip_jax.preprocess import normalize
   x = np.random.RandomState(0).randint(0, 256, (2, 4, 4, 3)).astype(np.uint8)
   ref = (x.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
@@ -244,7 +239,6 @@ def test_bad_examples_are_skipped_and_counted(tmp_path, tok):
   assert p.epoch == 1 and 3 <= p.skipped <= 6  # epoch 0's three, plus any bad ones early in epoch 1
   # non-UTF-8 text from a shard
   import tensorflow as tf
-  ex = D.TFRecordSource.parse
   assert not bool(T.is_valid_utf8(tf.constant(b"caf\xe9")))
 
 

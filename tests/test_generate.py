@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import blip_jax
-from blip_jax.models.blip import Blip
 from blip_jax.models.generate import greedy
 from hf_ref import make_hf
 

@@ -1,7 +1,6 @@
 """Official BLIP .pth files (key layout from ../shared/reference/keys/, tied aliases, momentum
 copies and queues included) load and give transformers' outputs."""
 import os
-import pickle
 
 import numpy as np
 import pytest

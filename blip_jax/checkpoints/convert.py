@@ -156,14 +156,6 @@ def _expected_shapes(cfg: BlipConfig) -> dict:
   return param_shapes(cfg)
 
 
-def _flat_paths(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flat_paths(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
 def load_state_dict(sd: dict, cfg: BlipConfig, layout: str = "official", *, strict: bool = True,
                     source_kind: Optional[str] = None, progress: Callable | None = None):
   """Converts an official or HF state dict to (params, extras).

@@ -17,8 +17,7 @@ from typing import Optional
 import numpy as np
 
 from blip_jax.checkpoints import mapping
-from blip_jax.checkpoints.convert import _set, params_from_state_dict
-from blip_jax.checkpoints.interpolate import interpolate_pos_embed
+from blip_jax.checkpoints.convert import params_from_state_dict
 from blip_jax.checkpoints.torch_io import CheckpointError, read_hf_dir, read_state_dict_file
 from blip_jax.models.config import BlipConfig
 from blip_jax.models.init import param_shapes

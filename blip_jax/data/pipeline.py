@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -236,12 +236,10 @@ class InputPipeline:
       out["index"] = np.concatenate([b["position"], np.full(c.batch_size - n, -1)])
     return out
 
-  @property
-  def epoch_progress(self) -> float:
-    """Epochs done as a float (for the alpha ramp and per-epoch lr decay)."""
-    if self.host_size:
-      return self.epoch + self.position / self.host_size
-    return float(self.epoch)
+  def progress(self, state: Optional[dict] = None) -> float:
+    """Epochs done as a float at `state` (default: now), e.g. a state saved with an earlier batch."""
+    state = state or self.state()
+    return state["epoch"] + (state["position"] / self.host_size if self.host_size else 0.0)
 
 
 def make_pipeline(source_cfg, tokenizer, pipeline_cfg, **kw) -> InputPipeline:

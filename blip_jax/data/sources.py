@@ -13,7 +13,6 @@ deterministic for a seed; the pipeline resumes them with skip() before any decod
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os

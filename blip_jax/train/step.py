@@ -8,7 +8,7 @@ Order inside a step, as official: EMA update of the momentum towers first, then 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +63,7 @@ def init_state(cfg: BlipConfig, tx: optax.GradientTransformation, loss_cfg: Loss
   k_params, k_queue, k_rng = jax.random.split(rng, 3)
   params = init_boxed(cfg, k_params)
   plain = nn.meta.unbox(params)
-  momentum = jax.tree.map(lambda x: x, momentum_view(params))  # a copy, boxes kept
+  momentum = momentum_view(params)  # jit outputs them as their own buffers
   q = loss_cfg.queue_size
   qi, qt = jax.random.normal(k_queue, (2, q, cfg.embed_dim))
   norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)  # official: randn normalised per feature
@@ -81,11 +81,10 @@ def init_state(cfg: BlipConfig, tx: optax.GradientTransformation, loss_cfg: Loss
   return state if boxed else nn.meta.unbox(state)
 
 
-def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, queues, temp_and_alpha, rng):
+def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, queues, alpha, rng):
   """Losses of one (micro)batch. Returns (total, (metrics, image_feat_m, text_feat_m))."""
   model, mom_model = Blip(cfg), Blip(momentum_config(cfg))
-  temp, alpha = temp_and_alpha
-  temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max) if temp is None else temp
+  temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)
   pixels = normalize_images(batch["image"])
   ids, mask = batch["text_ids"], batch["text_mask"]
   k_drop, k_neg_i, k_neg_t = jax.random.split(rng, 3)
@@ -141,8 +140,7 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
   return total, (metrics, image_feat_m, text_feat_m)
 
 
-def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation,
-                    lr_fn: Callable, steps_per_epoch: int):
+def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation, lr_fn: Callable):
   """Returns step(state, batch) -> (state, metrics). Pure; jit it with shardings."""
 
   def step(state, batch):
@@ -161,7 +159,7 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
     k = loss_cfg.grad_accum
     def micro(carry, mb):
       grads_acc, i = carry
-      f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, (None, alpha), jax.random.fold_in(rng, i))
+      f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, alpha, jax.random.fold_in(rng, i))
       (_, (metrics, feat_i, feat_t)), grads = jax.value_and_grad(f, has_aux=True)(params)
       grads_acc = jax.tree.map(lambda a, g: a + g / k, grads_acc, grads)
       return (grads_acc, i + 1), (metrics, feat_i, feat_t)

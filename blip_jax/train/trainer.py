@@ -12,7 +12,6 @@ import os
 import signal
 import sys
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +96,7 @@ def build(c, mcfg, mesh, steps_per_epoch: int, total_steps: int):
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp") if "fsdp" in mesh.shape else "data"))
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step_fn = jax.jit(make_train_step(mcfg, loss_cfg, tx, lr_fn, steps_per_epoch),
+    step_fn = jax.jit(make_train_step(mcfg, loss_cfg, tx, lr_fn),
                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
                       donate_argnums=(0,))
     init_fn = jax.jit(lambda r: init_state(mcfg, tx, loss_cfg, r), out_shardings=shardings)
@@ -263,7 +262,7 @@ def train(c, workdir: str):
       dt = time.time() - t_last
       steps = max(step - n_last, 1)
       metrics.update(examples_per_s=steps * c.batch_size / dt, step_time_s=dt / steps,
-                     skipped_examples=data_state["skipped"], epoch=_progress(data_state, pipe.host_size))
+                     skipped_examples=data_state["skipped"], epoch=pipe.progress(data_state))
       eta = (total_steps - step) * dt / steps
       history.append({"step": step, **metrics})
       writer.write_scalars(step, metrics)
@@ -322,7 +321,6 @@ def _initialise_from(c, mcfg, state, shardings):
   init = c.init
   if not (init.blip or init.deit or init.bert):
     return state
-  from blip_jax.checkpoints.convert import load_official
   from blip_jax.checkpoints.init_from import load_bert_into, load_vit_into
   from blip_jax.train.step import momentum_view
   params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
@@ -343,11 +341,6 @@ def _initialise_from(c, mcfg, state, shardings):
     new["image_queue"], new["text_queue"] = buf["image_queue"].T, buf["text_queue"].T  # (256, Q) -> (Q, 256)
   new["opt_state"] = state["opt_state"]
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), new, shardings)
-
-
-def _progress(data_state, host_size):
-  """Epochs done as a float, at the input position of the last trained batch."""
-  return data_state["epoch"] + (data_state["position"] / host_size if host_size else 0.0)
 
 
 def _flat(d, prefix=""):
