@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import struct
 
-import numpy as np
-
 
 def jpeg_orientation(data: bytes) -> int:
   """The EXIF orientation tag (1..8) of a JPEG; 1 when absent, unreadable or not a JPEG."""
@@ -41,10 +39,3 @@ def _tiff_orientation(t: bytes) -> int:
   except (KeyError, struct.error, IndexError):
     pass
   return 1
-
-
-def orientation_np(data) -> np.int32:
-  """For tf.numpy_function: bytes (numpy object scalar) -> int32."""
-  if isinstance(data, np.ndarray):  # eager mode passes a 0-d object array, graph mode bytes
-    data = data.item()
-  return np.int32(jpeg_orientation(bytes(data)[:1 << 16]))

@@ -27,14 +27,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from blip_jax.data.exif import jpeg_orientation, orientation_np
+from blip_jax.data.exif import jpeg_orientation
 
 FILL = 128  # official RandAugment fill colour
-
-
-def _orientation(image_bytes):
-  o = tf.numpy_function(orientation_np, [tf.strings.substr(image_bytes, 0, 1 << 16)], tf.int32, stateful=False)
-  return tf.reshape(o, [])
 
 
 def _shape(image_bytes):
@@ -99,9 +94,14 @@ def _jpeg_train(image_bytes, seed, size, scale, flip, randaug):
   y, x, ch, cw = sample_crop(seed, h, w, scale)
   crop = tf.io.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, ch, cw]), channels=3)
   u = tf.random.stateless_uniform([7], seed + 3)  # flip, then 2 x (op, apply, sign)
-  params = tf.concat([tf.cast(tf.stack([_orientation(image_bytes)]), tf.float32), u], 0)
+  return _finish(crop, image_bytes, u, size, flip, randaug)
+
+
+def _finish(crop, image_bytes, u, size, flip, randaug):
+  """One Python call per example: EXIF orientation from the header, Pillow resize and the rest."""
+  header = tf.strings.substr(image_bytes, 0, 1 << 16)
   img = tf.numpy_function(functools.partial(_pil_finish, size=size, flip=flip, randaug=randaug),
-                          [crop, params], tf.uint8, stateful=False)
+                          [crop, header, u], tf.uint8, stateful=False)
   img.set_shape([size, size, 3])
   return img
 
@@ -109,11 +109,7 @@ def _jpeg_train(image_bytes, seed, size, scale, flip, randaug):
 def decode_eval(image_bytes, size):
   h, w = tf.unstack(_shape(image_bytes))
   crop = _decode_crop(image_bytes, tf.constant(0), tf.constant(0), h, w, size)
-  params = tf.concat([tf.cast(tf.stack([_orientation(image_bytes)]), tf.float32), tf.zeros([7])], 0)
-  img = tf.numpy_function(functools.partial(_pil_finish, size=size, flip=False, randaug=False),
-                          [crop, params], tf.uint8, stateful=False)
-  img.set_shape([size, size, 3])
-  return img
+  return _finish(crop, image_bytes, tf.zeros([7]), size, False, False)
 
 
 def decode_train_pil(image_bytes, seed, size, scale=(0.2, 1.0), flip=True, randaug=True):
@@ -157,28 +153,29 @@ def _pil_train(data, u, size, scale, flip, randaug):
       img.draft("RGB", ((w + k - 1) // k, (h + k - 1) // k))
   sx, sy = img.size[0] / w, img.size[1] / h
   img = img.convert("RGB").resize((size, size), Image.BICUBIC, box=(x * sx, y * sy, (x + cw) * sx, (y + ch) * sy))
-  for t in _TRANSPOSE.get(o, []):
-    img = img.transpose(t)
-  if flip and u[22] < 0.5:
-    img = img.transpose(Image.FLIP_LEFT_RIGHT)
-  if randaug:
-    img = pil_rand_augment(img, u[23:29])
-  return np.asarray(img, np.uint8)
+  return _orient_flip_augment(img, o, u[22:29], flip, randaug)
 
 
 _TRANSPOSE = {2: [Image.FLIP_LEFT_RIGHT], 3: [Image.ROTATE_180], 4: [Image.FLIP_TOP_BOTTOM],
               5: [Image.TRANSPOSE], 6: [Image.ROTATE_270], 7: [Image.TRANSVERSE], 8: [Image.ROTATE_90]}
 
 
-def _pil_finish(crop, params, size, flip, randaug):
+def _pil_finish(crop, header, u, size, flip, randaug):
   """uint8 crop -> bicubic resize (PIL, antialiased) -> EXIF orientation -> flip -> RandAugment."""
+  if isinstance(header, np.ndarray):  # eager mode passes a 0-d object array, graph mode bytes
+    header = header.item()
   img = Image.fromarray(crop).resize((size, size), Image.BICUBIC)
-  for t in _TRANSPOSE.get(int(params[0]), []):
+  return _orient_flip_augment(img, jpeg_orientation(bytes(header)), u, flip, randaug)
+
+
+def _orient_flip_augment(img, orientation, u, flip, randaug):
+  """u: 7 uniforms: the flip, then (op, apply, sign) for each of the two RandAugment draws."""
+  for t in _TRANSPOSE.get(orientation, []):
     img = img.transpose(t)
-  if flip and params[1] < 0.5:
+  if flip and u[0] < 0.5:
     img = img.transpose(Image.FLIP_LEFT_RIGHT)
   if randaug:
-    img = pil_rand_augment(img, params[2:8])
+    img = pil_rand_augment(img, u[1:7])
   return np.asarray(img, np.uint8)
 
 
