@@ -108,20 +108,51 @@ class BlipModel:
     self._require("answer decoder", self.config.kind == "vqa")
     return _vqa_answer_logits(self.config, self.params, *map(jnp.asarray, (pixels, q_ids, q_mask, a_ids, a_mask)))
 
-  def generate(self, pixels, prompt: str = "a picture of ", max_length: int = 20, min_length: int = 5):
-    """Greedy captions (official decoding counts the prompt in max/min length; the prompt is
-    stripped from the text). Beam search and nucleus sampling: not yet."""
-    from blip_jax.models.generate import greedy
+  def generate(self, pixels, prompt: str = "a picture of ", max_length: int = 20, min_length: int = 5, *,
+               num_beams: int = 1, top_p: Optional[float] = None, top_k: int = 0, temperature: float = 1.0,
+               repetition_penalty: float = 1.0, length_penalty: float = 1.0, num_captions: int = 1,
+               seed: int = 0):
+    """Captions: greedy (default), beam search (num_beams > 1) or nucleus sampling (top_p).
+
+    max/min_length count the prompt's tokens and [DEC], as the official code counts them (the
+    official COCO setting: num_beams=3, max_length=20, min_length=5); the prompt is stripped from
+    the text. num_captions > 1 (the best beams, or independent samples) returns a list of lists.
+    Sampling is deterministic for a seed.
+    """
+    from blip_jax.models import generate as gen
     self._require("decoder", self.config.kind in ("pretrain", "caption"))
     if self.tokenizer is None:
       raise ValueError("generate needs a tokenizer: pass vocab=PATH to load()")
-    ids = [self.config.text.dec_id] + self.tokenizer.encode(prompt)
-    pixels = jnp.asarray(pixels)
-    memory = self.encode_image(pixels)
-    prompt_ids = jnp.asarray([ids] * pixels.shape[0], jnp.int32)
-    tokens = greedy(self.config, self.params, memory, prompt_ids, max_length=max_length, min_length=min_length)
+    if num_beams > 1 and top_p is not None:
+      raise ValueError("choose beam search (num_beams) or sampling (top_p), not both")
+    if num_captions > 1 and num_beams == 1 and top_p is None:
+      raise ValueError("several captions per image need beam search (num_beams) or sampling (top_p)")
+    prompt_ids = self.prompt_ids(prompt, pixels.shape[0])
+    memory = self.encode_image(jnp.asarray(pixels))
+    kw = dict(max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
+    if num_beams > 1:
+      tokens, _ = gen.beam_search(self.config, self.params, memory, prompt_ids, num_beams=num_beams,
+                                  length_penalty=length_penalty, num_return_sequences=num_captions, **kw)
+    elif top_p is not None:
+      tokens = gen.sample(self.config, self.params, memory, prompt_ids, jax.random.PRNGKey(seed), top_p=top_p,
+                          top_k=top_k, temperature=temperature, num_return_sequences=num_captions, **kw)
+    else:
+      tokens = gen.greedy(self.config, self.params, memory, prompt_ids, **kw)
+    texts = self.decode_captions(tokens, prompt)
+    if num_captions == 1:
+      return texts
+    return [texts[i:i + num_captions] for i in range(0, len(texts), num_captions)]
+
+  def prompt_ids(self, prompt: str, batch: int):
+    """[DEC] + the prompt's tokens (no [SEP]), repeated for a batch: int32 [batch, P]."""
+    ids = [self.config.text.dec_id] + (self.tokenizer.encode(prompt) if prompt else [])
+    return jnp.asarray([ids] * batch, jnp.int32)
+
+  def decode_captions(self, tokens, prompt: str = "a picture of "):
+    """Token ids -> texts without special tokens, the prompt stripped (as the official code does)."""
     texts = [self.tokenizer.decode(t) for t in np.asarray(tokens)]
-    return [t[len(prompt):].strip() if prompt and t.startswith(prompt.strip()) else t for t in texts]
+    p = prompt.strip()
+    return [t[len(p):].strip() if p and t.startswith(p) else t for t in texts]
 
   # ---- saving ----
   def save(self, path: str) -> str:
