@@ -1,4 +1,4 @@
-"""`blip-jax` command line: convert, score, train-tokenizer."""
+"""`blip-jax` command line: convert, score, caption, capfilt, train-tokenizer, make-shards, train."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,97 @@ def cmd_score(a):
       print(f"{image}\t{t}\titm_prob={p:.4f}\titc_cosine={c:.4f}")
 
 
+def generation_kwargs(a) -> dict:
+  """The decoding flags shared by `caption` and `capfilt`."""
+  if a.beams > 1 and a.top_p is not None:
+    sys.exit("error: choose --beams N or --top-p P, not both")
+  return dict(max_length=a.max_length, min_length=a.min_length, num_beams=a.beams, top_p=a.top_p,
+              top_k=a.top_k, temperature=a.temperature, repetition_penalty=a.repetition_penalty,
+              length_penalty=a.length_penalty, num_captions=a.num_captions)
+
+
+def add_generation_flags(p, *, max_length=20, min_length=5, top_p=None, repetition_penalty=1.0):
+  g = p.add_argument_group("decoding (max/min length count the prompt's 4 tokens, as the official code does)")
+  g.add_argument("--beams", type=int, default=1, help="beam search with N beams (official COCO eval: 3)")
+  g.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling with this top-p (e.g. 0.9)")
+  g.add_argument("--top-k", type=int, default=0, help="sampling: also keep only the k most likely tokens")
+  g.add_argument("--temperature", type=float, default=1.0)
+  g.add_argument("--max-length", type=int, default=max_length)
+  g.add_argument("--min-length", type=int, default=min_length)
+  g.add_argument("--repetition-penalty", type=float, default=repetition_penalty)
+  g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / new_tokens ** this")
+  g.add_argument("--prompt", default="a picture of ")
+  g.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def cmd_caption(a):
+  import json
+  import blip_jax
+  from blip_jax.caption import caption_files, expand_images
+  kw = generation_kwargs(a)
+  if a.num_captions > 1 and a.beams == 1 and a.top_p is None:
+    sys.exit("error: --num-captions > 1 needs --beams or --top-p")
+  paths = expand_images(a.images)
+  model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
+  if model.tokenizer is None:
+    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+  if model.config.kind not in ("caption", "pretrain"):
+    sys.exit(f"error: a {model.config.kind} model has no caption decoder; use a caption or pretraining checkpoint")
+  out = open(a.output, "w") if a.output else sys.stdout
+  done = failed = 0
+  try:
+    for status, path, value in caption_files(model, paths, batch_size=a.batch_size, prompt=a.prompt,
+                                             progress=not a.quiet, seed=a.seed, **kw):
+      if status == "error":
+        failed += 1
+        print(f"warning: skipped {value}", file=sys.stderr)
+        if a.format == "jsonl":
+          out.write(json.dumps({"image": path, "error": value}) + "\n")
+        continue
+      done += 1
+      if a.format == "jsonl":
+        out.write(json.dumps({"image": path, "captions": value} if a.num_captions > 1
+                             else {"image": path, "caption": value[0]}) + "\n")
+      else:
+        out.writelines(f"{path}\t{c}\n" for c in value)
+      out.flush()
+  finally:
+    if a.output:
+      out.close()
+  print(f"captioned {done} images, skipped {failed} that could not be decoded", file=sys.stderr)
+  if not done:
+    sys.exit("error: no image could be decoded")
+
+
+def cmd_capfilt(a):
+  import blip_jax
+  from blip_jax import capfilt
+  if bool(a.annotations) == bool(a.tfrecords):
+    sys.exit("error: give the source as --annotations FILE... (BLIP JSON) or --tfrecords GLOB... (shards)")
+  if a.threshold < 0:
+    sys.exit("error: --threshold must be >= 0")
+  if a.beams > 1:
+    a.top_p = None  # beam search replaces the default nucleus sampling
+  generation_kwargs(a)  # flag conflicts
+  settings = capfilt.CapFiltSettings(
+      threshold=a.threshold, num_captions=a.num_captions, num_beams=a.beams, top_p=a.top_p, top_k=a.top_k, temperature=a.temperature,
+      max_length=a.max_length, min_length=a.min_length, repetition_penalty=a.repetition_penalty, prompt=a.prompt,
+      seed=a.seed, batch_size=a.batch_size, images_per_shard=a.images_per_shard)
+  source = (capfilt.JsonInput(a.annotations, a.image_root, a.images_per_shard) if a.annotations
+            else capfilt.TFRecordInput(a.tfrecords))
+  from blip_jax.train import launch
+  launch.maybe_initialize_distributed()
+  capfilt.check_settings(a.out, source, settings)
+  captioner = blip_jax.load(a.captioner, vocab=a.captioner_vocab or a.vocab)
+  filt = blip_jax.load(a.filter, vocab=a.vocab)
+  report = capfilt.run(captioner, filt, source, a.out, settings, progress=not a.quiet)
+  if report:
+    w, syn = report["web"], report["synthetic"]
+    print(f"{report['images']} images ({report['images_undecodable']} undecodable, skipped); "
+          f"web texts kept {w['kept']}/{w['texts']}, synthetic kept {syn['kept']}/{syn['texts']}; "
+          f"{report['pairs_written']} pairs -> {report['output']}; report: {os.path.join(a.out, 'report.json')}")
+
+
 def cmd_train_tokenizer(a):
   from blip_jax.tokenizers import SentencePieceTokenizer, train_sentencepiece
   path = train_sentencepiece(a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type,
@@ -114,6 +205,37 @@ def build_parser():
   s.add_argument("--vocab")
   s.add_argument("--image-size", type=int)
   s.set_defaults(fn=cmd_score)
+
+  cp = sub.add_parser("caption", help="caption image files, folders or globs (batched, on all local devices)")
+  cp.add_argument("images", nargs="+", help="image files, folders (recursive) or globs")
+  cp.add_argument("--model", required=True, help="official .pth | HF dir | our checkpoint dir")
+  cp.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
+  cp.add_argument("--image-size", type=int, help="image size (default: the checkpoint's)")
+  cp.add_argument("--batch-size", type=int, default=16)
+  cp.add_argument("--num-captions", type=int, default=1, help="captions per image (best beams or samples)")
+  cp.add_argument("--format", choices=("text", "jsonl"), default="text",
+                  help="text: PATH<TAB>CAPTION lines; jsonl: {image, caption(s)} lines")
+  cp.add_argument("--output", help="write here instead of stdout")
+  cp.add_argument("--quiet", action="store_true", help="no progress bar")
+  add_generation_flags(cp)
+  cp.set_defaults(fn=cmd_caption)
+
+  cf = sub.add_parser("capfilt", help="bootstrap a dataset: caption (nucleus sampling) + ITM filter, sharded, resumable")
+  cf.add_argument("--captioner", required=True, help="caption (or pretraining) checkpoint: .pth | HF dir | ours")
+  cf.add_argument("--filter", required=True, help="retrieval (or pretraining) checkpoint with an ITM head")
+  cf.add_argument("--annotations", nargs="+", help="BLIP caption JSON file(s)")
+  cf.add_argument("--image-root", default="", help="root of the JSON's relative image paths")
+  cf.add_argument("--tfrecords", nargs="+", help="img2dataset TFRecord files or globs")
+  cf.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+  cf.add_argument("--threshold", type=float, default=0.5, help="drop texts whose ITM p(match) is below this")
+  cf.add_argument("--num-captions", type=int, default=1, help="synthetic captions per image (paper: 1)")
+  cf.add_argument("--batch-size", type=int, default=16, help="images per batch (per host)")
+  cf.add_argument("--images-per-shard", type=int, default=1000, help="JSON input: images per output shard")
+  cf.add_argument("--vocab", help="vocab.txt for checkpoints without a tokenizer")
+  cf.add_argument("--captioner-vocab", help="the captioner's vocab.txt, if it differs from --vocab")
+  cf.add_argument("--quiet", action="store_true")
+  add_generation_flags(cf, max_length=30, min_length=10, top_p=0.9, repetition_penalty=1.1)
+  cf.set_defaults(fn=cmd_capfilt)
 
   t = sub.add_parser("train-tokenizer", help="train a SentencePiece model with BLIP's special tokens")
   t.add_argument("--input", required=True, help="text file, one sentence per line")

@@ -1,0 +1,369 @@
+"""CapFilt (BLIP paper §3.3): bootstrap a dataset with a captioner and a filter.
+
+For every image of a source, the captioner (an image-grounded decoder, e.g. the COCO-finetuned
+caption model) writes K synthetic captions by nucleus sampling; the filter (an image-grounded
+encoder, e.g. the COCO-finetuned retrieval model) scores the image's original texts and each
+synthetic caption with its ITM head, and a text is dropped when its match probability is below the
+threshold (0.5: the ITM head's "unmatched" decision). Kept original and kept synthetic texts are
+written as separate image-text pairs, in the input's format:
+
+- BLIP JSON in  -> shards/NNNNN.json, merged into bootstrapped.json (same image paths and root);
+- TFRecord in   -> shards/NNNNN.tfrecord, one output shard per input file, one record per pair.
+
+Work is split in shards (JSON: `images_per_shard` images; TFRecord: one input file), dealt round
+robin to the processes; each process splits its batches over its own devices. A shard is written
+to temporary names and committed by renaming; its stats file, renamed last, marks it done, so a
+killed run resumes with no shard lost or done twice. Sampling draws from a key made of the seed,
+the shard and the batch, so a resumed run writes exactly what an uninterrupted one writes.
+At the end process 0 writes report.json and report.png (ITM score histograms).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from blip_jax.caption import DataParallel, pad_rows
+from blip_jax.models.blip import Blip
+from blip_jax.preprocess import ImageDecodeError, preprocess, to_pil
+from blip_jax.tokenizers import pre_caption
+
+BINS = 20
+KINDS = ("web", "synthetic")
+
+
+@dataclasses.dataclass(frozen=True)
+class CapFiltSettings:
+  """Everything that decides the output (checked on resume). Decoding defaults are the official
+  BLIP_Decoder.generate(sample=True) settings: top-p 0.9, repetition penalty 1.1, max 30 / min 10
+  tokens counting the 4 prompt tokens."""
+  threshold: float = 0.5
+  num_captions: int = 1
+  num_beams: int = 1  # > 1: beam search instead of sampling (the paper's comparison; top_p unused)
+  top_p: float = 0.9
+  top_k: int = 0
+  temperature: float = 1.0
+  max_length: int = 30
+  min_length: int = 10
+  repetition_penalty: float = 1.1
+  prompt: str = "a picture of "
+  seed: int = 0
+  batch_size: int = 16
+  images_per_shard: int = 1000
+  max_words: int = 30
+  text_length: int = 35
+
+
+# ---- input ------------------------------------------------------------------------------------
+
+class JsonInput:
+  """BLIP annotation JSON: entries grouped by image (first appearance order), `per_shard` images a shard."""
+  ext = ".json"
+
+  def __init__(self, annotations: Sequence[str], image_root: str, per_shard: int):
+    entries = []
+    for f in annotations:
+      with open(f) as fh:
+        entries += json.load(fh)
+    if not entries or "image" not in entries[0] or "caption" not in entries[0]:
+      raise ValueError(f"{list(annotations)}: not a BLIP caption annotation file (entries need image and caption)")
+    groups: dict = {}
+    for e in entries:
+      g = groups.setdefault(e["image"], {"image": e["image"], "texts": []})
+      g["texts"] += e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+      if "image_id" in e:
+        g["image_id"] = e["image_id"]
+    self.images = list(groups.values())
+    self.root, self.per_shard = image_root, per_shard
+    self.num_shards = -(-len(self.images) // per_shard)
+    self.total = len(self.images)
+
+  def read(self, shard: int):
+    """-> [(item dict, encoded image bytes or an error message)]"""
+    out = []
+    for g in self.images[shard * self.per_shard:(shard + 1) * self.per_shard]:
+      path = g["image"] if os.path.isabs(g["image"]) else os.path.join(self.root, g["image"])
+      try:
+        with open(path, "rb") as f:
+          out.append((g, f.read()))
+      except OSError as e:
+        out.append((g, f"{path}: {e.strerror}"))
+    return out
+
+  def describe(self, item) -> str:
+    return item["image"]
+
+  def write(self, path: str, pairs):
+    rows = []
+    for item, text, kind, score in pairs:
+      row = {"image": item["image"], "caption": text, "kind": kind, "itm": round(float(score), 6)}
+      if "image_id" in item:
+        row["image_id"] = item["image_id"]
+      rows.append(row)
+    with open(path, "w") as f:
+      json.dump(rows, f)
+
+
+class TFRecordInput:
+  """img2dataset TFRecord shards (as TFRecordSource reads them): one output shard per input file."""
+  ext = ".tfrecord"
+
+  def __init__(self, files: Sequence[str]):
+    from blip_jax.data.sources import TFRecordSource
+    self.files = TFRecordSource(list(files)).files
+    self.num_shards, self.total = len(self.files), None
+
+  def read(self, shard: int):
+    import tensorflow as tf
+    from blip_jax.data.sources import TFRecordSource
+    out = []
+    for record in tf.data.TFRecordDataset(self.files[shard]):
+      f = tf.io.parse_single_example(record, TFRecordSource.FEATURES)
+      caps = [c.decode("utf-8", "replace") for c in tf.sparse.to_dense(f["captions"]).numpy()]
+      texts = caps or [f["txt"].numpy().decode("utf-8", "replace")]
+      out.append(({"key": f["key"].numpy(), "texts": texts, "jpg": f["jpg"].numpy()}, f["jpg"].numpy()))
+    return out
+
+  def describe(self, item) -> str:
+    return f"record key {item['key'].decode('utf-8', 'replace')!r}"
+
+  def write(self, path: str, pairs):
+    import tensorflow as tf
+    feature = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+    with tf.io.TFRecordWriter(path) as w:
+      for item, text, kind, score in pairs:
+        feats = {"jpg": feature(item["jpg"]), "txt": feature(text.encode("utf-8")), "key": feature(item["key"]),
+                 "kind": feature(kind.encode()),
+                 "itm": tf.train.Feature(float_list=tf.train.FloatList(value=[float(score)]))}
+        w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+
+
+# ---- the filter -------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def itm_match_prob(cfg, params, image_embeds, image_index, ids, mask):
+  """p(match) of text j with image image_index[j]: the ITM head's 2-way softmax."""
+  logits = Blip(cfg).apply({"params": params}, image_embeds[image_index], ids, mask, method=Blip.itm_logits)
+  return jax.nn.softmax(logits, axis=-1)[:, 1]
+
+
+class CapFilt:
+  def __init__(self, captioner, filt, settings: CapFiltSettings, devices=None):
+    if captioner.config.kind not in ("caption", "pretrain"):
+      raise ValueError(f"the captioner must have a caption decoder; got a {captioner.config.kind} model")
+    if not filt.config.has_itc:
+      raise ValueError(f"the filter must have an ITM head (a retrieval or pretraining model); got {filt.config.kind}")
+    for name, m in (("captioner", captioner), ("filter", filt)):
+      if m.tokenizer is None:
+        raise ValueError(f"the {name} checkpoint has no tokenizer: pass a vocab")
+    self.captioner, self.filter, self.s = captioner, filt, settings
+    self.dp = DataParallel(devices)
+    self.rows = self.dp.round_batch(settings.batch_size)
+    captioner.params = self.dp.put_params(captioner.params)
+    filt.params = self.dp.put_params(filt.params)
+
+  def _seed(self, shard: int, batch: int) -> int:
+    return (self.s.seed * 1_000_003 + shard * 10_007 + batch) % (2 ** 31)
+
+  def _batch(self, shard: int, index: int, items, images):
+    """Captions and scores one batch of decoded images -> [(item, text, kind, score)], stats."""
+    s, n = self.s, len(items)
+    stats = {"texts_empty": 0}
+    size_c, size_f = self.captioner.config.vision.image_size, self.filter.config.vision.image_size
+    pix_c = np.stack([preprocess([im], size_c)[0] for im in images])
+    pix_f = pix_c if size_f == size_c else np.stack([preprocess([im], size_f)[0] for im in images])
+    synthetic = self.captioner.generate(
+        self.dp.put_batch(pad_rows(pix_c, self.rows)), s.prompt, s.max_length, s.min_length,
+        num_beams=s.num_beams, top_p=None if s.num_beams > 1 else s.top_p,
+        top_k=s.top_k, temperature=s.temperature, repetition_penalty=s.repetition_penalty,
+        num_captions=s.num_captions, seed=self._seed(shard, index))
+    synthetic = [c if s.num_captions > 1 else [c] for c in synthetic[:n]]
+    candidates = []  # (image row, item, text as written, kind, text as scored)
+    for i, item in enumerate(items):
+      for kind, texts in (("web", item["texts"]), ("synthetic", synthetic[i])):
+        for t in texts:
+          clean = pre_caption(t, s.max_words) if isinstance(t, str) else ""
+          if not clean:
+            stats["texts_empty"] += 1
+            continue
+          candidates.append((i, item, t, kind, clean))
+    probs = self._score(pix_f, candidates)
+    return [(item, t, kind, p) for (_, item, t, kind, _), p in zip(candidates, probs)], stats
+
+  def _score(self, pixels, candidates):
+    if not candidates:
+      return []
+    embeds = self.filter.encode_image(self.dp.put_batch(pad_rows(pixels, self.rows)))
+    chunk = self.rows * (self.s.num_captions + 1)
+    out = []
+    for start in range(0, len(candidates), chunk):
+      part = candidates[start:start + chunk]
+      ids, mask = self.filter.tokenize([c[4] for c in part], max_length=self.s.text_length)
+      index = np.asarray([c[0] for c in part], np.int32)
+      args = [self.dp.put_batch(pad_rows(np.asarray(a), chunk)) for a in (index, ids, mask)]
+      out += list(np.asarray(itm_match_prob(self.filter.config, self.filter.params, embeds, *args))[:len(part)])
+    return out
+
+  def run_shard(self, source, shard: int, on_images=lambda n: None):
+    """All pairs (kept or not) of a shard, and its stats."""
+    stats = {"images": 0, "images_undecodable": 0, "texts_empty": 0}
+    scored, batch, errors = [], [], []
+    records = source.read(shard)
+    for r in range(0, len(records), self.rows):
+      items, images = [], []
+      for item, data in records[r:r + self.rows]:
+        if isinstance(data, str):
+          errors.append(data)
+          continue
+        try:
+          images.append(to_pil(data))  # decoded once, resized per model below
+        except ImageDecodeError as e:
+          errors.append(f"{source.describe(item)}: {str(e).split(': ', 1)[-1]}")
+          continue
+        items.append(item)
+      stats["images"] += len(records[r:r + self.rows])
+      if items:
+        pairs, st = self._batch(shard, r // self.rows, items, images)
+        scored += pairs
+        stats["texts_empty"] += st["texts_empty"]
+      on_images(len(records[r:r + self.rows]))
+    stats["images_undecodable"] = len(errors)
+    stats["errors"] = errors[:20]
+    return scored, stats
+
+
+def _shard_stats(scored, stats, threshold):
+  for kind in KINDS:
+    scores = np.asarray([p for _, _, k, p in scored if k == kind], np.float64)
+    kept = int((scores >= threshold).sum())
+    stats[f"{kind}_texts"] = len(scores)
+    stats[f"{kind}_kept"] = kept
+    stats[f"{kind}_dropped"] = len(scores) - kept
+    stats[f"{kind}_score_sum"] = float(scores.sum())
+    stats[f"{kind}_histogram"] = np.histogram(scores, bins=BINS, range=(0.0, 1.0))[0].tolist()
+  return stats
+
+
+def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progress: bool = True) -> dict:
+  """Runs (or resumes) CapFilt over `source` (JsonInput | TFRecordInput) into out_dir."""
+  from tqdm import tqdm
+  shard_dir = os.path.join(out_dir, "shards")
+  check_settings(out_dir, source, settings)
+  cf = CapFilt(captioner, filt, settings)
+  mine = range(jax.process_index(), source.num_shards, jax.process_count())
+  todo = [i for i in mine if not os.path.exists(_stats_path(shard_dir, i))]
+  total = None if source.total is None else sum(len(source.images[i * source.per_shard:(i + 1) * source.per_shard])
+                                                 for i in todo)
+  with tqdm(total=total, unit="img", desc="capfilt", file=sys.stderr, disable=not progress) as bar:
+    bar.set_postfix(shards_done=f"{len(mine) - len(todo)}/{len(mine)}")
+    for done, i in enumerate(todo):
+      scored, stats = cf.run_shard(source, i, on_images=bar.update)
+      kept = [x for x in scored if x[3] >= settings.threshold]
+      data = os.path.join(shard_dir, f"{i:05d}{source.ext}")
+      source.write(data + ".tmp", kept)
+      os.replace(data + ".tmp", data)
+      stats = _shard_stats(scored, stats, settings.threshold)
+      with open(_stats_path(shard_dir, i) + ".tmp", "w") as f:
+        json.dump(stats, f)
+      os.replace(_stats_path(shard_dir, i) + ".tmp", _stats_path(shard_dir, i))  # the shard is done
+      bar.set_postfix(shards_done=f"{len(mine) - len(todo) + done + 1}/{len(mine)}")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("capfilt shards done")
+  if jax.process_index() != 0:
+    return {}
+  return finish(out_dir, source, settings)
+
+
+def _stats_path(shard_dir, i):
+  return os.path.join(shard_dir, f"{i:05d}.stats.json")
+
+
+def check_settings(out_dir: str, source, settings: CapFiltSettings):
+  """Records the settings of a new run; refuses to resume a run made with other settings (its
+  shards would mix two datasets). Cheap: call it before loading the models."""
+  os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+  settings = {**dataclasses.asdict(settings), "format": source.ext, "input_shards": source.num_shards,
+              "batch_rows": DataParallel().round_batch(settings.batch_size)}  # the rows decide the samples
+  path = os.path.join(out_dir, "capfilt_settings.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if diff:
+      raise ValueError(f"{out_dir} holds a CapFilt run with other settings (was, now): {diff}; "
+                       "use another output folder or the same settings to resume")
+  elif jax.process_index() == 0:
+    with open(path + ".tmp", "w") as f:
+      json.dump(settings, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def finish(out_dir: str, source, settings: CapFiltSettings) -> dict:
+  """Sums the shard stats into report.json + report.png; for JSON input merges bootstrapped.json."""
+  shard_dir = os.path.join(out_dir, "shards")
+  stats = []
+  for i in range(source.num_shards):
+    with open(_stats_path(shard_dir, i)) as f:
+      stats.append(json.load(f))
+  total = lambda k: sum(s[k] for s in stats)
+  report = {"settings": dataclasses.asdict(settings), "shards": source.num_shards,
+            "images": total("images"), "images_undecodable": total("images_undecodable"),
+            "texts_empty_skipped": total("texts_empty"),
+            "undecodable_examples": [e for s in stats for e in s["errors"]][:20]}
+  for kind in KINDS:
+    n = total(f"{kind}_texts")
+    report[kind] = {"texts": n, "kept": total(f"{kind}_kept"), "dropped": total(f"{kind}_dropped"),
+                    "kept_fraction": total(f"{kind}_kept") / n if n else None,
+                    "mean_itm": total(f"{kind}_score_sum") / n if n else None,
+                    "histogram": np.sum([s[f"{kind}_histogram"] for s in stats], axis=0).tolist()}
+  report["histogram_bins"] = np.linspace(0, 1, BINS + 1).round(3).tolist()
+  report["pairs_written"] = report["web"]["kept"] + report["synthetic"]["kept"]
+  if source.ext == ".json":
+    rows = []
+    for i in range(source.num_shards):
+      with open(os.path.join(shard_dir, f"{i:05d}.json")) as f:
+        rows += json.load(f)
+    out = os.path.join(out_dir, "bootstrapped.json")
+    with open(out + ".tmp", "w") as f:
+      json.dump(rows, f)
+    os.replace(out + ".tmp", out)
+    report["output"] = {"kind": "json", "annotations": [out], "image_root": os.path.abspath(source.root) if source.root else ""}
+  else:
+    report["output"] = {"kind": "tfrecord", "files": os.path.join(shard_dir, "*.tfrecord")}
+  with open(os.path.join(out_dir, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  histogram_png(report, settings.threshold, os.path.join(out_dir, "report.png"))
+  return report
+
+
+def histogram_png(report: dict, threshold: float, path: str, width: int = 720, height: int = 300):
+  """Two bar charts (web, synthetic) of ITM match probability with the threshold marked (Pillow)."""
+  from PIL import Image, ImageDraw
+  img = Image.new("RGB", (width, height), "white")
+  d = ImageDraw.Draw(img)
+  panel = width // 2
+  for p, kind in enumerate(KINDS):
+    x0, y0, w, h = p * panel + 30, 40, panel - 50, height - 80
+    counts = report[kind]["histogram"]
+    top = max(max(counts), 1)
+    d.text((x0, 10), f"{kind}: {report[kind]['kept']} kept / {report[kind]['texts']} texts", fill="black")
+    bw = w / len(counts)
+    for b, c in enumerate(counts):
+      kept = (b + 1) / len(counts) > threshold
+      bh = h * c / top
+      d.rectangle([x0 + b * bw, y0 + h - bh, x0 + (b + 1) * bw - 1, y0 + h], fill="#3a7" if kept else "#c44")
+    d.line([x0, y0 + h, x0 + w, y0 + h], fill="black")
+    tx = x0 + w * min(max(threshold, 0.0), 1.0)
+    d.line([tx, y0 - 5, tx, y0 + h], fill="blue", width=2)
+    for v in (0.0, 0.5, 1.0):
+      d.text((x0 + w * v - 8, y0 + h + 6), f"{v:.1f}", fill="black")
+    d.text((x0, y0 + h + 24), f"ITM p(match); threshold {threshold:g} (blue)", fill="black")
+  img.save(path)

@@ -1,0 +1,166 @@
+"""CapFilt end to end on COCO-mini with small random models: counts add up, the output loads
+through the tf.data sources, a killed run resumes to the same output, thresholds 0 and > 1."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import blip_jax
+from blip_jax import capfilt
+from blip_jax.data.shards import make_shards
+from blip_jax.data.sources import JsonSource, TFRecordSource
+from conftest import COCO, ODD
+from hf_ref import make_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
+SETTINGS = dict(num_captions=2, images_per_shard=4, batch_size=4, max_length=14, min_length=6)
+N_IMAGES, N_BAD = 12, 2
+# Same devices as this process (conftest's 8), so the same batch layout; the compile cache shared.
+ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, vocab_path):
+  """A captioner as a transformers dir, a filter as our checkpoint (converted from transformers),
+  and a BLIP JSON of 12 COCO images (5 captions each; one blank) plus a missing and a truncated image."""
+  d = tmp_path_factory.mktemp("capfilt")
+  make_hf("caption", 1e-6, seed=31).save_pretrained(d / "captioner")
+  make_hf("retrieval", 1e-6, seed=5).save_pretrained(d / "hf_filter")
+  blip_jax.load(str(d / "hf_filter"), vocab=vocab_path).save(str(d / "filter"))
+  with open(os.path.join(COCO, "captions_karpathy_val.json")) as f:
+    ann = json.load(f)[:N_IMAGES]
+  ann[1]["caption"][0] = "  "
+  ann.insert(3, {"image": "images/missing.jpg", "caption": ["a missing image"]})
+  ann.insert(7, {"image": os.path.join(ODD, "truncated_jpeg.jpg"), "caption": ["a broken file"]})
+  with open(d / "ann.json", "w") as f:
+    json.dump(ann, f)
+  return d, ann
+
+
+def models(d, vocab_path):
+  return blip_jax.load(str(d / "captioner"), vocab=vocab_path), blip_jax.load(str(d / "filter"))
+
+
+def cli_args(d, out, vocab_path, **over):
+  s = {**SETTINGS, **over}
+  return ["capfilt", "--captioner", str(d / "captioner"), "--vocab", vocab_path, "--filter", str(d / "filter"),
+          "--annotations", str(d / "ann.json"), "--image-root", COCO, "--out", str(out), "--quiet",
+          "--num-captions", str(s["num_captions"]), "--images-per-shard", str(s["images_per_shard"]),
+          "--batch-size", str(s["batch_size"]), "--max-length", str(s["max_length"]),
+          "--min-length", str(s["min_length"])]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, vocab_path):
+  d, _ = setup
+  cap, filt = models(d, vocab_path)
+  report = capfilt.run(cap, filt, capfilt.JsonInput([str(d / "ann.json")], COCO, 4), str(d / "ref"),
+                       capfilt.CapFiltSettings(**SETTINGS), progress=False)
+  return report, d / "ref"
+
+
+def test_counts_add_up_and_output_loads(setup, reference):
+  d, ann = setup
+  report, out = reference
+  assert report["images"] == N_IMAGES + N_BAD and report["images_undecodable"] == N_BAD
+  assert any("missing.jpg" in e for e in report["undecodable_examples"])
+  assert any("truncated_jpeg.jpg" in e for e in report["undecodable_examples"])
+  web_captions = sum(len(a["caption"]) for a in ann if "missing" not in a["image"] and "truncated" not in a["image"])
+  assert report["texts_empty_skipped"] == 1
+  assert report["web"]["texts"] == web_captions - 1
+  assert report["synthetic"]["texts"] == 2 * N_IMAGES
+  for kind in ("web", "synthetic"):
+    r = report[kind]
+    assert r["kept"] + r["dropped"] == r["texts"] == sum(r["histogram"])
+  with open(out / "bootstrapped.json") as f:
+    rows = json.load(f)
+  assert len(rows) == report["pairs_written"] == report["web"]["kept"] + report["synthetic"]["kept"]
+  assert 0 < report["web"]["kept"] < report["web"]["texts"]  # random filter: a real split at 0.5
+  assert all(r["itm"] >= 0.5 for r in rows)
+  assert {r["kind"] for r in rows} <= {"web", "synthetic"}
+  web = {(a["image"], c) for a in ann for c in a["caption"]}
+  assert all((r["image"], r["caption"]) in web for r in rows if r["kind"] == "web")
+  assert os.path.getsize(out / "report.png") > 1000
+  # Loads as a tf.data source: every pair, with its image
+  src = JsonSource([str(out / "bootstrapped.json")], report["output"]["image_root"])
+  assert len(src) == len(rows)
+  ex = src.lookup(0)
+  assert ex["image"].numpy()[:2] == b"\xff\xd8" and ex["texts"].numpy()[0].decode() == rows[0]["caption"]
+
+
+def test_itm_scores_equal_the_filter_model(setup, reference, vocab_path):
+  """The stored scores are the filter's own ITM probabilities for those pairs."""
+  d, _ = setup
+  _, out = reference
+  with open(out / "bootstrapped.json") as f:
+    rows = json.load(f)[:6]
+  filt = blip_jax.load(str(d / "filter"))
+  pixels = filt.preprocess([os.path.join(COCO, r["image"]) for r in rows])
+  ids, mask = filt.tokenize([blip_jax.pre_caption(r["caption"], 30) for r in rows])
+  np.testing.assert_allclose(np.asarray(filt.itm_prob(pixels, ids, mask)), [r["itm"] for r in rows], atol=2e-5)
+
+
+def test_killed_run_resumes_to_the_same_output(setup, reference, vocab_path):
+  d, _ = setup
+  _, ref = reference
+  out = d / "killed"
+  p = subprocess.Popen([BIN, *cli_args(d, out, vocab_path)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+  first = out / "shards" / "00000.stats.json"
+  deadline = time.time() + 300
+  while not first.exists() and p.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  p.send_signal(signal.SIGKILL)
+  log = p.communicate()[0]
+  assert first.exists(), log
+  done = sorted(f for f in os.listdir(out / "shards") if f.endswith(".stats.json"))
+  assert len(done) < 4 and not (out / "report.json").exists()  # killed half-way
+  resumed = subprocess.run([BIN, *cli_args(d, out, vocab_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+  for name in ["bootstrapped.json"] + [f"shards/{i:05d}.json" for i in range(4)]:
+    with open(out / name) as f, open(ref / name) as g:
+      a, b = json.load(f), json.load(g)
+    assert [(r["image"], r["caption"], r["kind"]) for r in a] == [(r["image"], r["caption"], r["kind"]) for r in b]
+    np.testing.assert_allclose([r["itm"] for r in a], [r["itm"] for r in b], atol=1e-5)
+  with open(out / "report.json") as f, open(ref / "report.json") as g:
+    a, b = json.load(f), json.load(g)
+  for k in ("web", "synthetic"):
+    assert [a[k][n] for n in ("texts", "kept", "dropped", "histogram")] == \
+        [b[k][n] for n in ("texts", "kept", "dropped", "histogram")]
+  # Resuming with other settings is refused before any work
+  other = subprocess.run([BIN, *cli_args(d, out, vocab_path, num_captions=3)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=600)
+  assert other.returncode != 0 and "other settings" in other.stderr and "num_captions" in other.stderr
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_thresholds_on_tfrecord_shards(setup, vocab_path, threshold):
+  """TFRecord in, TFRecord out: threshold 0 keeps every text, above 1 drops every text."""
+  d, ann = setup
+  shards = d / "tfrecords"
+  if not shards.exists():
+    make_shards([str(d / "ann.json")], COCO, str(shards), per_shard=6, workers=1, progress=False)
+  cap, filt = models(d, vocab_path)
+  out = d / f"tf_{threshold}"
+  settings = capfilt.CapFiltSettings(**{**SETTINGS, "threshold": threshold})
+  report = capfilt.run(cap, filt, capfilt.TFRecordInput([str(shards / "*.tfrecord")]), str(out), settings,
+                       progress=False)
+  texts = report["web"]["texts"] + report["synthetic"]["texts"]
+  assert report["images"] == N_IMAGES + 1  # make-shards already skipped the missing file
+  assert report["images_undecodable"] == 1 and report["synthetic"]["texts"] == 2 * N_IMAGES
+  records = list(TFRecordSource(report["output"]["files"], shuffle_buffer=1).epoch_dataset(0, 0, 0, 1))
+  if threshold == 0:
+    assert report["pairs_written"] == texts == len(records)
+    keys = {r["image_id"].numpy() for r in records}
+    assert len(keys) == N_IMAGES  # the pairs of an image share its id
+  else:
+    assert report["pairs_written"] == 0 == len(records)
+    assert report["web"]["dropped"] + report["synthetic"]["dropped"] == texts
