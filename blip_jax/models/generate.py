@@ -45,6 +45,14 @@ def _penalize(scores, seen, t, *, sep_id: int, min_length: int, repetition_penal
   return jnp.where(no_sep[None], -jnp.inf, scores)
 
 
+def first_argmax(scores):
+  """argmax over the last axis (first index of the maximum, as torch's): two plain reductions,
+  about 3x faster than XLA:CPU's variadic argmax reduce over a 30k vocabulary."""
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  iota = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(scores == top, iota, scores.shape[-1]), axis=-1)
+
+
 def warp_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
   """Temperature, then top-k, then top-p (nucleus): tokens outside the kept set get -inf.
 
@@ -112,7 +120,7 @@ def greedy(cfg: BlipConfig, params, memory, prompt, *, max_length: int, min_leng
            repetition_penalty: float = 1.0, memory_mask=None):
   """memory [B, M, W] (image tokens, or question states for VQA); prompt [B, P] int32 starting with
   [DEC]. Returns tokens [B, max_length]."""
-  choose = lambda t, scores: jnp.argmax(scores, axis=-1)
+  choose = lambda t, scores: first_argmax(scores)
   return _token_by_token(cfg, params, memory, prompt, memory_mask, choose, copies=1, max_length=max_length,
                          min_length=min_length, repetition_penalty=repetition_penalty)
 

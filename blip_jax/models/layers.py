@@ -47,22 +47,24 @@ def gelu(x):
 
 
 def dot_product_attention(q, k, v, bias=None, *, dropout_rate: float = 0.0, dropout_rng=None,
-                          dtype: Dtype = jnp.float32):
+                          dtype: Dtype = jnp.float32, heads_first: bool = False):
   """The one attention function of the package (a fused kernel can replace it here).
 
-  q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh]; bias: additive, broadcastable to [B, H, Lq, Lk].
-  Softmax runs in float32 whatever the compute dtype.
+  q: [B, Lq, H, Dh]; k, v: [B, Lk, H, Dh], or [B, H, Lk, Dh] with heads_first (the layout of
+  cached keys/values: the batched matmuls then read them without a transposed copy per step);
+  bias: additive, broadcastable to [B, H, Lq, Lk]. Softmax runs in float32 whatever the compute dtype.
   """
   depth = q.shape[-1]
   q = q / jnp.sqrt(depth).astype(q.dtype)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  kv = "bhkd" if heads_first else "bkhd"
+  scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     scores = scores + bias.astype(jnp.float32)
   probs = jax.nn.softmax(scores, axis=-1)
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+  return jnp.einsum(f"bhqk,{kv}->bqhd", probs.astype(dtype), v.astype(dtype))
 
 
 def padding_bias(mask):

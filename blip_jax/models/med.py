@@ -36,6 +36,7 @@ class BertAttention(nn.Module):
     h = c.heads
     split = lambda t: t.reshape(t.shape[0], t.shape[1], h, d // h)
     q = split(dense(d, ("embed", "heads"), "query", self.dtype)(x))
+    heads_first = False
     if self.is_cross:
       if decode and kv is None:  # keys/values of the memory were computed once, at prefill
         k, v, bias = (self.get_variable("cache", n) for n in ("cross_key", "cross_value", "cross_bias"))
@@ -45,20 +46,23 @@ class BertAttention(nn.Module):
         if decode:
           if bias is None:
             bias = jnp.zeros((kv.shape[0], 1, 1, kv.shape[1]), jnp.float32)
+          k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # cached heads-first: read every step
           self.put_variable("cache", "cross_key", k)
           self.put_variable("cache", "cross_value", v)
           self.put_variable("cache", "cross_bias", bias)
+      heads_first = decode
     else:
       k = split(dense(d, ("embed", "heads"), "key", self.dtype)(x))
       v = split(dense(d, ("embed", "heads"), "value", self.dtype)(x))
       if decode:
         k, v, bias = self._update_cache(k, v, key_mask)
+        heads_first = True
       elif causal:
         pos = jnp.arange(l)
         bias = causal_bias(pos, pos) + (0.0 if bias is None else bias)
     rng = self.make_rng("dropout") if (train and c.dropout > 0) else None
     out = dot_product_attention(q, k, v, bias, dropout_rate=c.dropout if train else 0.0,
-                                dropout_rng=rng, dtype=self.dtype)
+                                dropout_rng=rng, dtype=self.dtype, heads_first=heads_first)
     out = dense(d, ("heads", "embed"), "out", self.dtype)(out.reshape(b, l, d))
     out = nn.Dropout(c.dropout)(out, deterministic=not train)
     return layer_norm(c.layer_norm_eps, "norm", self.dtype)(out + x)
@@ -66,18 +70,19 @@ class BertAttention(nn.Module):
   def _update_cache(self, k, v, key_mask):
     """Writes this chunk's keys/values at the cache index; returns full keys/values and the bias."""
     b, l, h, dh = k.shape
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # cached heads-first [B, H, L, Dh]
     # At init the cache is created with the length of the dummy input: that is the max length.
     ck = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
     cv = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
-    cm = self.variable("cache", "cached_mask", jnp.zeros, (b, k.shape[1]), jnp.float32)
+    cm = self.variable("cache", "cached_mask", jnp.zeros, (b, l), jnp.float32)
     ci = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     idx = ci.value
-    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, idx, 0, 0))
-    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, idx, 0, 0))
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, 0, idx, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, 0, idx, 0))
     m = jnp.ones((b, l), jnp.float32) if key_mask is None else key_mask.astype(jnp.float32)
     cm.value = jax.lax.dynamic_update_slice(cm.value, m, (0, idx))
     ci.value = idx + l
-    max_len = ck.value.shape[1]
+    max_len = ck.value.shape[2]
     bias = causal_bias(idx + jnp.arange(l), jnp.arange(max_len)) + padding_bias(cm.value)
     return ck.value, cv.value, bias
 
