@@ -270,6 +270,7 @@ def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progre
       source.write(data + ".tmp", kept)
       os.replace(data + ".tmp", data)
       stats = _shard_stats(scored, stats, settings.threshold)
+      stats["process"] = jax.process_index()
       with open(_stats_path(shard_dir, i) + ".tmp", "w") as f:
         json.dump(stats, f)
       os.replace(_stats_path(shard_dir, i) + ".tmp", _stats_path(shard_dir, i))  # the shard is done

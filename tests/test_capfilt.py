@@ -3,6 +3,7 @@ through the tf.data sources, a killed run resumes to the same output, thresholds
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,6 +140,28 @@ def test_killed_run_resumes_to_the_same_output(setup, reference, vocab_path):
   other = subprocess.run([BIN, *cli_args(d, out, vocab_path, num_captions=3)], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=600)
   assert other.returncode != 0 and "other settings" in other.stderr and "num_captions" in other.stderr
+
+
+def test_two_processes_split_the_shards(setup, reference, vocab_path):
+  """2 processes (jax.distributed on localhost) share the shards and write the same dataset."""
+  d, _ = setup
+  _, ref = reference
+  out = d / "two_hosts"
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen([BIN, *cli_args(d, out, vocab_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**ENV, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                 "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  for p in procs:
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log[-3000:]
+  owners = [json.load(open(out / "shards" / f"{i:05d}.stats.json"))["process"] for i in range(4)]
+  assert owners == [0, 1, 0, 1]
+  with open(out / "bootstrapped.json") as f, open(ref / "bootstrapped.json") as g:
+    a, b = json.load(f), json.load(g)
+  assert [(r["image"], r["caption"], r["kind"]) for r in a] == [(r["image"], r["caption"], r["kind"]) for r in b]
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.01])
