@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import torch
 
 import blip_jax
 from blip_jax import capfilt
@@ -18,6 +19,7 @@ from blip_jax.data.shards import make_shards
 from blip_jax.data.sources import JsonSource, TFRecordSource
 from conftest import COCO, ODD
 from hf_ref import make_hf
+from official_ref import official_state_dict, shared_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
@@ -30,12 +32,13 @@ ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cac
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, vocab_path):
-  """A captioner as a transformers dir, a filter as our checkpoint (converted from transformers),
+  """A captioner as a transformers dir and as an official .pth, a filter as our checkpoint (converted from transformers),
   and a BLIP JSON of 12 COCO images (5 captions each; one blank) plus a missing and a truncated image."""
   d = tmp_path_factory.mktemp("capfilt")
   make_hf("caption", 1e-6, seed=31).save_pretrained(d / "captioner")
   make_hf("retrieval", 1e-6, seed=5).save_pretrained(d / "hf_filter")
   blip_jax.load(str(d / "hf_filter"), vocab=vocab_path).save(str(d / "filter"))
+  torch.save({"model": official_state_dict("keys_official_decoder.txt", *shared_pair())}, d / "official_decoder.pth")
   with open(os.path.join(COCO, "captions_karpathy_val.json")) as f:
     ann = json.load(f)[:N_IMAGES]
   ann[1]["caption"][0] = "  "
@@ -166,12 +169,14 @@ def test_two_processes_split_the_shards(setup, reference, vocab_path):
 
 @pytest.mark.parametrize("threshold", [0.0, 1.01])
 def test_thresholds_on_tfrecord_shards(setup, vocab_path, threshold):
-  """TFRecord in, TFRecord out: threshold 0 keeps every text, above 1 drops every text."""
+  """TFRecord in, TFRecord out: threshold 0 keeps every text, above 1 drops every text. The
+  captioner here is an official-layout .pth."""
   d, ann = setup
   shards = d / "tfrecords"
   if not shards.exists():
     make_shards([str(d / "ann.json")], COCO, str(shards), per_shard=6, workers=1, progress=False)
-  cap, filt = models(d, vocab_path)
+  cap = blip_jax.load(str(d / "official_decoder.pth"), vocab=vocab_path)
+  filt = blip_jax.load(str(d / "filter"))
   out = d / f"tf_{threshold}"
   settings = capfilt.CapFiltSettings(**{**SETTINGS, "threshold": threshold})
   report = capfilt.run(cap, filt, capfilt.TFRecordInput([str(shards / "*.tfrecord")]), str(out), settings,
