@@ -19,11 +19,13 @@ At the end process 0 writes report.json and report.png (ITM score histograms).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import jax
@@ -155,7 +157,7 @@ def itm_match_prob(cfg, params, image_embeds, image_index, ids, mask):
 
 
 class CapFilt:
-  def __init__(self, captioner, filt, settings: CapFiltSettings, devices=None):
+  def __init__(self, captioner, filt, settings: CapFiltSettings, devices=None, workers: int = 8):
     if captioner.config.kind not in ("caption", "pretrain"):
       raise ValueError(f"the captioner must have a caption decoder; got a {captioner.config.kind} model")
     if not filt.config.has_itc:
@@ -163,7 +165,7 @@ class CapFilt:
     for name, m in (("captioner", captioner), ("filter", filt)):
       if m.tokenizer is None:
         raise ValueError(f"the {name} checkpoint has no tokenizer: pass a vocab")
-    self.captioner, self.filter, self.s = captioner, filt, settings
+    self.captioner, self.filter, self.s, self.workers = captioner, filt, settings, workers
     self.dp = DataParallel(devices)
     self.rows = self.dp.round_batch(settings.batch_size)
     captioner.params = self.dp.put_params(captioner.params)
@@ -172,13 +174,10 @@ class CapFilt:
   def _seed(self, shard: int, batch: int) -> int:
     return (self.s.seed * 1_000_003 + shard * 10_007 + batch) % (2 ** 31)
 
-  def _batch(self, shard: int, index: int, items, images):
-    """Captions and scores one batch of decoded images -> [(item, text, kind, score)], stats."""
+  def _batch(self, shard: int, index: int, items, pix_c, pix_f):
+    """Captions and scores one batch of images -> [(item, text, kind, score)], stats."""
     s, n = self.s, len(items)
     stats = {"texts_empty": 0}
-    size_c, size_f = self.captioner.config.vision.image_size, self.filter.config.vision.image_size
-    pix_c = np.stack([preprocess([im], size_c)[0] for im in images])
-    pix_f = pix_c if size_f == size_c else np.stack([preprocess([im], size_f)[0] for im in images])
     synthetic = self.captioner.generate(
         self.dp.put_batch(pad_rows(pix_c, self.rows)), s.prompt, s.max_length, s.min_length,
         num_beams=s.num_beams, top_p=None if s.num_beams > 1 else s.top_p,
@@ -211,29 +210,43 @@ class CapFilt:
       out += list(np.asarray(itm_match_prob(self.filter.config, self.filter.params, embeds, *args))[:len(part)])
     return out
 
+  def _prepare(self, source, record):
+    """(item, (captioner pixels, filter pixels) or None, error or None): decoded once, in a thread."""
+    item, data = record
+    if isinstance(data, str):
+      return item, None, data
+    try:
+      image = to_pil(data)
+    except ImageDecodeError as e:
+      return item, None, f"{source.describe(item)}: {str(e).split(': ', 1)[-1]}"
+    size_c, size_f = self.captioner.config.vision.image_size, self.filter.config.vision.image_size
+    pix_c = preprocess([image], size_c)[0]
+    return item, (pix_c, pix_c if size_f == size_c else preprocess([image], size_f)[0]), None
+
   def run_shard(self, source, shard: int, on_images=lambda n: None):
-    """All pairs (kept or not) of a shard, and its stats."""
+    """All pairs (kept or not) of a shard, and its stats. Images decode in threads, a batch ahead
+    of the devices."""
     stats = {"images": 0, "images_undecodable": 0, "texts_empty": 0}
-    scored, batch, errors = [], [], []
+    scored, errors = [], []
     records = source.read(shard)
-    for r in range(0, len(records), self.rows):
-      items, images = [], []
-      for item, data in records[r:r + self.rows]:
-        if isinstance(data, str):
-          errors.append(data)
-          continue
-        try:
-          images.append(to_pil(data))  # decoded once, resized per model below
-        except ImageDecodeError as e:
-          errors.append(f"{source.describe(item)}: {str(e).split(': ', 1)[-1]}")
-          continue
-        items.append(item)
-      stats["images"] += len(records[r:r + self.rows])
-      if items:
-        pairs, st = self._batch(shard, r // self.rows, items, images)
-        scored += pairs
-        stats["texts_empty"] += st["texts_empty"]
-      on_images(len(records[r:r + self.rows]))
+    chunks = [records[r:r + self.rows] for r in range(0, len(records), self.rows)]
+    with ThreadPoolExecutor(max_workers=self.workers) as pool:
+      submit = lambda chunk: [pool.submit(self._prepare, source, rec) for rec in chunk]
+      ahead = collections.deque(submit(c) for c in chunks[:2])
+      for index in range(len(chunks)):
+        prepared = [f.result() for f in ahead.popleft()]
+        if index + 2 < len(chunks):
+          ahead.append(submit(chunks[index + 2]))
+        errors += [e for _, _, e in prepared if e is not None]
+        ok = [(item, pix) for item, pix, _ in prepared if pix is not None]
+        if ok:
+          pix_c = np.stack([p[0] for _, p in ok])
+          pix_f = np.stack([p[1] for _, p in ok])
+          pairs, st = self._batch(shard, index, [item for item, _ in ok], pix_c, pix_f)
+          scored += pairs
+          stats["texts_empty"] += st["texts_empty"]
+        stats["images"] += len(prepared)
+        on_images(len(prepared))
     stats["images_undecodable"] = len(errors)
     stats["errors"] = errors[:20]
     return scored, stats

@@ -52,8 +52,8 @@ def assert_same_tokens(got, ref, prompt_len, max_length):
   return lengths
 
 
-@pytest.mark.parametrize("prompt", [[], PROMPT], ids=["no-prompt", "a-picture-of"])
-@pytest.mark.parametrize("rep", [1.0, 1.3], ids=["plain", "repetition-penalty"])
+@pytest.mark.parametrize("prompt,rep", [([], 1.0), (PROMPT, 1.0), (PROMPT, 1.3)],
+                         ids=["no-prompt", "a-picture-of", "a-picture-of-repetition-penalty"])
 def test_greedy_equals_transformers(models, prompt, rep):
   hf, ours, pixels, memory = models
   kw = dict(max_length=14, min_length=5, repetition_penalty=rep)
@@ -71,8 +71,8 @@ BEAM_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BEAM_CASES))
-@pytest.mark.parametrize("prompt", [[], PROMPT], ids=["no-prompt", "a-picture-of"])
+@pytest.mark.parametrize("prompt,case", [([], "beam3")] + [(PROMPT, c) for c in BEAM_CASES],
+                         ids=["no-prompt-beam3"] + [f"a-picture-of-{c}" for c in BEAM_CASES])
 def test_beam_search_equals_transformers(models, prompt, case):
   hf, ours, pixels, memory = models
   kw = BEAM_CASES[case]

@@ -41,8 +41,9 @@ def _penalize(scores, seen, t, *, sep_id: int, min_length: int, repetition_penal
   if repetition_penalty != 1.0:
     scores = jnp.where(seen, jnp.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty),
                        scores)
-  no_sep = (t < min_length) & (jnp.arange(scores.shape[-1]) == sep_id)
-  return jnp.where(no_sep[None], -jnp.inf, scores)
+  if min_length > 0:  # one column, not a pass over the vocabulary
+    scores = scores.at[:, sep_id].set(jnp.where(t < min_length, -jnp.inf, scores[:, sep_id]))
+  return scores
 
 
 def first_argmax(scores):
@@ -93,7 +94,8 @@ def _token_by_token(cfg, params, memory, prompt, memory_mask, choose, *, copies,
   prompt, logits, cache = _prefill(cfg, params, memory, prompt, memory_mask, copies, max_length)
   n, p = prompt.shape
   tokens = jnp.full((n, max_length), t_cfg.pad_id, jnp.int32).at[:, :p].set(prompt)
-  seen = _seen_tokens(prompt, logits.shape[-1])
+  track = repetition_penalty != 1.0  # which tokens each sequence holds: only the penalty reads it
+  seen = _seen_tokens(prompt, logits.shape[-1]) if track else jnp.zeros((n, 0), bool)
 
   def cond(s):
     t, _, _, _, _, done = s
@@ -105,7 +107,8 @@ def _token_by_token(cfg, params, memory, prompt, memory_mask, choose, *, copies,
                        repetition_penalty=repetition_penalty)
     nxt = jnp.where(done, t_cfg.pad_id, choose(t, scores).astype(jnp.int32))
     tokens = tokens.at[:, t].set(nxt)
-    seen = seen.at[jnp.arange(n), nxt].set(True)
+    if track:
+      seen = seen.at[jnp.arange(n), nxt].set(True)
     done = done | (nxt == t_cfg.sep_id)
     logits, cache = decode_step(cfg, params, cache, nxt[:, None], position_offset=t)
     return t + 1, tokens, seen, cache, logits[:, -1].astype(jnp.float32), done
@@ -168,8 +171,10 @@ def beam_search(cfg: BlipConfig, params, memory, prompt, *, num_beams: int, max_
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
   running = jnp.full((b, k, max_length), t_cfg.pad_id, jnp.int32).at[:, :, :p].set(prompt[:, None])
+  track = repetition_penalty != 1.0  # which tokens each beam holds: only the penalty reads it
+  seen = _seen_tokens(prompt_k, vocab) if track else jnp.zeros((b * k, 0), bool)
   state = dict(
-      t=jnp.asarray(p, jnp.int32), running=running, seen=_seen_tokens(prompt_k, vocab), cache=cache, last=logits,
+      t=jnp.asarray(p, jnp.int32), running=running, seen=seen, cache=cache, last=logits,
       running_scores=jnp.zeros((b, k), jnp.float32).at[:, 1:].set(neg),
       sequences=running, scores=jnp.full((b, k), neg), finished=jnp.zeros((b, k), bool),
       improvable=jnp.ones((b, 1), bool), go_on=jnp.asarray(True))
@@ -216,7 +221,7 @@ def beam_search(cfg: BlipConfig, params, memory, prompt, *, num_beams: int, max_
 
     cache = jax.tree_util.tree_map_with_path(
         lambda path, x: x[parent_flat] if path[-1].key in _SELF_CACHE else x, s["cache"])
-    seen = s["seen"][parent_flat].at[jnp.arange(b * k), token_flat].set(True)
+    seen = s["seen"][parent_flat].at[jnp.arange(b * k), token_flat].set(True) if track else s["seen"]
     logits, cache = decode_step(cfg, params, cache, token_flat[:, None], position_offset=t)
     return dict(t=t1, running=running, seen=seen, cache=cache, last=logits[:, -1].astype(jnp.float32),
                 running_scores=running_scores, sequences=sequences, scores=scores, finished=finished,
