@@ -36,7 +36,7 @@ def test_sharded_step_equals_single_device(single_device_run, shape):
   metrics, params = run_steps(tiny_config(), _mesh(shape))
   for a, b in zip(metrics, ref_metrics):
     for k in ("loss", "loss_itc", "loss_itm", "loss_lm", "grad_norm"):
-      assert abs(a[k] - b[k]) <= 1e-5, (k, a[k], b[k])
+      assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])), (k, a[k], b[k])  # fp32: relative for grad_norm ~50
   diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), params, ref_params))
   assert max(diffs) <= 1e-5
   # and training moved the params
