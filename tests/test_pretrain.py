@@ -96,6 +96,9 @@ def _train_cmd(workdir, *extra):
 
 def _env():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user's run
+  # The runs of one config share compiled steps through the persistent cache (as tests in-process do).
+  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return env
 
 
