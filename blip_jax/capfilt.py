@@ -10,7 +10,7 @@ written as separate image-text pairs, in the input's format:
 - BLIP JSON in  -> shards/NNNNN.json, merged into bootstrapped.json (same image paths and root);
 - TFRecord in   -> shards/NNNNN.tfrecord, one output shard per input file, one record per pair.
 
-Work is split in shards (JSON: `images_per_shard` images; TFRecord: one input file), dealt round
+Work is split in shards (JSON: `per_shard` images; TFRecord: one input file), dealt round
 robin to the processes; each process splits its batches over its own devices. A shard is written
 to temporary names and committed by renaming; its stats file, renamed last, marks it done, so a
 killed run resumes with no shard lost or done twice. Sampling draws from a key made of the seed,
@@ -19,20 +19,18 @@ At the end process 0 writes report.json and report.png (ITM score histograms).
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip_jax.caption import DataParallel, pad_rows
+from blip_jax.caption import DataParallel, map_ahead, pad_rows
 from blip_jax.models.blip import Blip
 from blip_jax.preprocess import ImageDecodeError, preprocess, to_pil
 from blip_jax.tokenizers import pre_caption
@@ -58,7 +56,6 @@ class CapFiltSettings:
   prompt: str = "a picture of "
   seed: int = 0
   batch_size: int = 16
-  images_per_shard: int = 1000
   max_words: int = 30
   text_length: int = 35
 
@@ -85,12 +82,17 @@ class JsonInput:
     self.images = list(groups.values())
     self.root, self.per_shard = image_root, per_shard
     self.num_shards = -(-len(self.images) // per_shard)
-    self.total = len(self.images)
+
+  def shard_items(self, shard: int) -> list:
+    return self.images[shard * self.per_shard:(shard + 1) * self.per_shard]
+
+  def count(self, shard: int) -> int:
+    return len(self.shard_items(shard))
 
   def read(self, shard: int):
     """-> [(item dict, encoded image bytes or an error message)]"""
     out = []
-    for g in self.images[shard * self.per_shard:(shard + 1) * self.per_shard]:
+    for g in self.shard_items(shard):
       path = g["image"] if os.path.isabs(g["image"]) else os.path.join(self.root, g["image"])
       try:
         with open(path, "rb") as f:
@@ -120,7 +122,10 @@ class TFRecordInput:
   def __init__(self, files: Sequence[str]):
     from blip_jax.data.sources import TFRecordSource
     self.files = TFRecordSource(list(files)).files
-    self.num_shards, self.total = len(self.files), None
+    self.num_shards = len(self.files)
+
+  def count(self, shard: int) -> None:
+    return None  # unknown before reading the file
 
   def read(self, shard: int):
     import tensorflow as tf
@@ -130,7 +135,8 @@ class TFRecordInput:
       f = tf.io.parse_single_example(record, TFRecordSource.FEATURES)
       caps = [c.decode("utf-8", "replace") for c in tf.sparse.to_dense(f["captions"]).numpy()]
       texts = caps or [f["txt"].numpy().decode("utf-8", "replace")]
-      out.append(({"key": f["key"].numpy(), "texts": texts, "jpg": f["jpg"].numpy()}, f["jpg"].numpy()))
+      jpg = f["jpg"].numpy()
+      out.append(({"key": f["key"].numpy(), "texts": texts, "jpg": jpg}, jpg))
     return out
 
   def describe(self, item) -> str:
@@ -175,9 +181,9 @@ class CapFilt:
     return (self.s.seed * 1_000_003 + shard * 10_007 + batch) % (2 ** 31)
 
   def _batch(self, shard: int, index: int, items, pix_c, pix_f):
-    """Captions and scores one batch of images -> [(item, text, kind, score)], stats."""
+    """Captions and scores one batch of images -> ([(item, text, kind, score)], blank texts skipped)."""
     s, n = self.s, len(items)
-    stats = {"texts_empty": 0}
+    empty = 0
     synthetic = self.captioner.generate(
         self.dp.put_batch(pad_rows(pix_c, self.rows)), s.prompt, s.max_length, s.min_length,
         num_beams=s.num_beams, top_p=None if s.num_beams > 1 else s.top_p,
@@ -190,11 +196,11 @@ class CapFilt:
         for t in texts:
           clean = pre_caption(t, s.max_words) if isinstance(t, str) else ""
           if not clean:
-            stats["texts_empty"] += 1
+            empty += 1
             continue
           candidates.append((i, item, t, kind, clean))
     probs = self._score(pix_f, candidates)
-    return [(item, t, kind, p) for (_, item, t, kind, _), p in zip(candidates, probs)], stats
+    return [(item, t, kind, p) for (_, item, t, kind, _), p in zip(candidates, probs)], empty
 
   def _score(self, pixels, candidates):
     if not candidates:
@@ -224,29 +230,24 @@ class CapFilt:
     return item, (pix_c, pix_c if size_f == size_c else preprocess([image], size_f)[0]), None
 
   def run_shard(self, source, shard: int, on_images=lambda n: None):
-    """All pairs (kept or not) of a shard, and its stats. Images decode in threads, a batch ahead
-    of the devices."""
+    """All pairs (kept or not) of a shard, and its stats. Images decode in threads, ahead of the
+    devices."""
     stats = {"images": 0, "images_undecodable": 0, "texts_empty": 0}
     scored, errors = [], []
     records = source.read(shard)
-    chunks = [records[r:r + self.rows] for r in range(0, len(records), self.rows)]
-    with ThreadPoolExecutor(max_workers=self.workers) as pool:
-      submit = lambda chunk: [pool.submit(self._prepare, source, rec) for rec in chunk]
-      ahead = collections.deque(submit(c) for c in chunks[:2])
-      for index in range(len(chunks)):
-        prepared = [f.result() for f in ahead.popleft()]
-        if index + 2 < len(chunks):
-          ahead.append(submit(chunks[index + 2]))
-        errors += [e for _, _, e in prepared if e is not None]
-        ok = [(item, pix) for item, pix, _ in prepared if pix is not None]
-        if ok:
-          pix_c = np.stack([p[0] for _, p in ok])
-          pix_f = np.stack([p[1] for _, p in ok])
-          pairs, st = self._batch(shard, index, [item for item, _ in ok], pix_c, pix_f)
-          scored += pairs
-          stats["texts_empty"] += st["texts_empty"]
-        stats["images"] += len(prepared)
-        on_images(len(prepared))
+    chunks = (records[r:r + self.rows] for r in range(0, len(records), self.rows))
+    prepare = functools.partial(self._prepare, source)
+    for index, prepared in enumerate(map_ahead(prepare, chunks, workers=self.workers)):
+      errors += [e for _, _, e in prepared if e is not None]
+      ok = [(item, pix) for item, pix, _ in prepared if pix is not None]
+      if ok:
+        pix_c = np.stack([p[0] for _, p in ok])
+        pix_f = np.stack([p[1] for _, p in ok])
+        pairs, empty = self._batch(shard, index, [item for item, _ in ok], pix_c, pix_f)
+        scored += pairs
+        stats["texts_empty"] += empty
+      stats["images"] += len(prepared)
+      on_images(len(prepared))
     stats["images_undecodable"] = len(errors)
     stats["errors"] = errors[:20]
     return scored, stats
@@ -272,8 +273,8 @@ def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progre
   cf = CapFilt(captioner, filt, settings)
   mine = range(jax.process_index(), source.num_shards, jax.process_count())
   todo = [i for i in mine if not os.path.exists(_stats_path(shard_dir, i))]
-  total = None if source.total is None else sum(len(source.images[i * source.per_shard:(i + 1) * source.per_shard])
-                                                 for i in todo)
+  counts = [source.count(i) for i in todo]
+  total = None if None in counts else sum(counts)
   with tqdm(total=total, unit="img", desc="capfilt", file=sys.stderr, disable=not progress) as bar:
     bar.set_postfix(shards_done=f"{len(mine) - len(todo)}/{len(mine)}")
     for done, i in enumerate(todo):
@@ -305,6 +306,7 @@ def check_settings(out_dir: str, source, settings: CapFiltSettings):
   shards would mix two datasets). Cheap: call it before loading the models."""
   os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
   settings = {**dataclasses.asdict(settings), "format": source.ext, "input_shards": source.num_shards,
+              "images_per_shard": getattr(source, "per_shard", None),  # JSON input
               "batch_rows": DataParallel().round_batch(settings.batch_size)}  # the rows decide the samples
   path = os.path.join(out_dir, "capfilt_settings.json")
   if os.path.exists(path):

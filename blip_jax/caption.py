@@ -64,10 +64,22 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
   return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
 
 
-def load_batches(paths: Sequence[str], size: int, batch_size: int, workers: int = 4, ahead: int = 2
+def map_ahead(fn, batches, workers: int = 4, ahead: int = 2):
+  """Yields [fn(x) for x in batch] per batch, in order; fn runs in threads, `ahead` batches in
+  advance of the consumer (image decoding overlapping the device's work)."""
+  with ThreadPoolExecutor(max_workers=workers) as pool:
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+      queue.append([pool.submit(fn, x) for x in batch])
+      if len(queue) > ahead:
+        yield [f.result() for f in queue.popleft()]
+    while queue:
+      yield [f.result() for f in queue.popleft()]
+
+
+def load_batches(paths: Sequence[str], size: int, batch_size: int
                  ) -> Iterator[tuple[list[str], list[str], Optional[np.ndarray], list[tuple[str, str]]]]:
-  """Yields (paths, decoded paths, their pixels [n, size, size, 3] or None, [(path, error)]) per batch.
-  Images decode in threads, `ahead` batches in advance."""
+  """Yields (paths, decoded paths, their pixels [n, size, size, 3] or None, [(path, error)]) per batch."""
   from blip_jax.preprocess import preprocess
 
   def one(path):
@@ -76,31 +88,22 @@ def load_batches(paths: Sequence[str], size: int, batch_size: int, workers: int 
     except ImageDecodeError as e:
       return path, None, str(e)
 
-  def finish(futures):
-    results = [f.result() for f in futures]
+  chunks = (paths[i:i + batch_size] for i in range(0, len(paths), batch_size))
+  for results in map_ahead(one, chunks):
     ok = [(p, x) for p, x, _ in results if x is not None]
     errors = [(p, e) for p, _, e in results if e is not None]
-    return [p for p, _, _ in results], [p for p, _ in ok], (np.stack([x for _, x in ok]) if ok else None), errors
-
-  with ThreadPoolExecutor(max_workers=workers) as pool:
-    queue: collections.deque = collections.deque()
-    for i in range(0, len(paths), batch_size):
-      queue.append([pool.submit(one, p) for p in paths[i:i + batch_size]])
-      if len(queue) > ahead:
-        yield finish(queue.popleft())
-    while queue:
-      yield finish(queue.popleft())
+    yield [p for p, _, _ in results], [p for p, _ in ok], (np.stack([x for _, x in ok]) if ok else None), errors
 
 
 def caption_files(model, paths: Sequence[str], *, batch_size: int = 16, prompt: str = "a picture of ",
-                  progress: bool = True, image_size: Optional[int] = None, **generate_kw):
+                  progress: bool = True, **generate_kw):
   """Yields ('ok', path, [captions]) per decodable image and ('error', path, message) for the
   rest, in order. Batches are padded to one shape and split over this host's devices."""
   from tqdm import tqdm
   dp = DataParallel()
   rows = dp.round_batch(batch_size)
   model.params = dp.put_params(model.params)
-  size = image_size or model.config.vision.image_size
+  size = model.config.vision.image_size
   n = generate_kw.get("num_captions", 1)
   with tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr, disable=not progress) as bar:
     for order, ok, pixels, errors in load_batches(list(paths), size, rows):

@@ -78,6 +78,8 @@ def generation_kwargs(a) -> dict:
   """The decoding flags shared by `caption` and `capfilt`."""
   if a.beams > 1 and a.top_p is not None:
     sys.exit("error: choose --beams N or --top-p P, not both")
+  if a.num_captions > 1 and a.beams == 1 and a.top_p is None:
+    sys.exit("error: --num-captions > 1 needs --beams or --top-p")
   return dict(max_length=a.max_length, min_length=a.min_length, num_beams=a.beams, top_p=a.top_p,
               top_k=a.top_k, temperature=a.temperature, repetition_penalty=a.repetition_penalty,
               length_penalty=a.length_penalty, num_captions=a.num_captions)
@@ -102,8 +104,6 @@ def cmd_caption(a):
   import blip_jax
   from blip_jax.caption import caption_files, expand_images
   kw = generation_kwargs(a)
-  if a.num_captions > 1 and a.beams == 1 and a.top_p is None:
-    sys.exit("error: --num-captions > 1 needs --beams or --top-p")
   paths = expand_images(a.images)
   model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
   if model.tokenizer is None:
@@ -149,7 +149,7 @@ def cmd_capfilt(a):
   settings = capfilt.CapFiltSettings(
       threshold=a.threshold, num_captions=a.num_captions, num_beams=a.beams, top_p=a.top_p, top_k=a.top_k, temperature=a.temperature,
       max_length=a.max_length, min_length=a.min_length, repetition_penalty=a.repetition_penalty, prompt=a.prompt,
-      seed=a.seed, batch_size=a.batch_size, images_per_shard=a.images_per_shard)
+      seed=a.seed, batch_size=a.batch_size)
   source = (capfilt.JsonInput(a.annotations, a.image_root, a.images_per_shard) if a.annotations
             else capfilt.TFRecordInput(a.tfrecords))
   from blip_jax.train import launch

@@ -24,6 +24,11 @@ from official_ref import official_state_dict, shared_pair
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
 SETTINGS = dict(num_captions=2, images_per_shard=4, batch_size=4, max_length=14, min_length=6)
+
+
+def settings(**over):
+  """The CapFilt settings of SETTINGS (images per shard belongs to the JSON input)."""
+  return capfilt.CapFiltSettings(**{k: v for k, v in {**SETTINGS, **over}.items() if k != "images_per_shard"})
 N_IMAGES, N_BAD = 12, 2
 # Same devices as this process (conftest's 8), so the same batch layout; the compile cache shared.
 ENV = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
@@ -49,8 +54,12 @@ def setup(tmp_path_factory, vocab_path):
   return d, ann
 
 
-def models(d, vocab_path):
-  return blip_jax.load(str(d / "captioner"), vocab=vocab_path), blip_jax.load(str(d / "filter"))
+@pytest.fixture(scope="module")
+def models(setup, vocab_path):
+  """Each checkpoint loaded once: (transformers-dir captioner, official .pth captioner, filter)."""
+  d, _ = setup
+  return (blip_jax.load(str(d / "captioner"), vocab=vocab_path),
+          blip_jax.load(str(d / "official_decoder.pth"), vocab=vocab_path), blip_jax.load(str(d / "filter")))
 
 
 def cli_args(d, out, vocab_path, **over):
@@ -63,11 +72,11 @@ def cli_args(d, out, vocab_path, **over):
 
 
 @pytest.fixture(scope="module")
-def reference(setup, vocab_path):
+def reference(setup, models):
   d, _ = setup
-  cap, filt = models(d, vocab_path)
+  cap, _, filt = models
   report = capfilt.run(cap, filt, capfilt.JsonInput([str(d / "ann.json")], COCO, 4), str(d / "ref"),
-                       capfilt.CapFiltSettings(**SETTINGS), progress=False)
+                       settings(), progress=False)
   return report, d / "ref"
 
 
@@ -100,13 +109,12 @@ def test_counts_add_up_and_output_loads(setup, reference):
   assert ex["image"].numpy()[:2] == b"\xff\xd8" and ex["texts"].numpy()[0].decode() == rows[0]["caption"]
 
 
-def test_itm_scores_equal_the_filter_model(setup, reference, vocab_path):
+def test_itm_scores_equal_the_filter_model(reference, models):
   """The stored scores are the filter's own ITM probabilities for those pairs."""
-  d, _ = setup
   _, out = reference
   with open(out / "bootstrapped.json") as f:
     rows = json.load(f)[:6]
-  filt = blip_jax.load(str(d / "filter"))
+  filt = models[2]
   pixels = filt.preprocess([os.path.join(COCO, r["image"]) for r in rows])
   ids, mask = filt.tokenize([blip_jax.pre_caption(r["caption"], 30) for r in rows])
   np.testing.assert_allclose(np.asarray(filt.itm_prob(pixels, ids, mask)), [r["itm"] for r in rows], atol=2e-5)
@@ -161,18 +169,17 @@ def test_killed_run_resumed_by_two_processes(setup, reference, vocab_path):
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1.01])
-def test_thresholds_on_tfrecord_shards(setup, vocab_path, threshold):
+def test_thresholds_on_tfrecord_shards(setup, models, threshold):
   """TFRecord in, TFRecord out: threshold 0 keeps every text, above 1 drops every text. The
   captioner here is an official-layout .pth."""
   d, ann = setup
   shards = d / "tfrecords"
   if not shards.exists():
     make_shards([str(d / "ann.json")], COCO, str(shards), per_shard=6, workers=1, progress=False)
-  cap = blip_jax.load(str(d / "official_decoder.pth"), vocab=vocab_path)
-  filt = blip_jax.load(str(d / "filter"))
+  _, cap, filt = models
   out = d / f"tf_{threshold}"
-  settings = capfilt.CapFiltSettings(**{**SETTINGS, "threshold": threshold})
-  report = capfilt.run(cap, filt, capfilt.TFRecordInput([str(shards / "*.tfrecord")]), str(out), settings,
+  report = capfilt.run(cap, filt, capfilt.TFRecordInput([str(shards / "*.tfrecord")]), str(out),
+                       settings(threshold=threshold),
                        progress=False)
   texts = report["web"]["texts"] + report["synthetic"]["texts"]
   assert report["images"] == N_IMAGES + 1  # make-shards already skipped the missing file

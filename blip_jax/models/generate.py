@@ -1,8 +1,9 @@
 """Caption generation on the KV-cached decoder: greedy, beam search, nucleus sampling.
 
-Each decoder is one jit per configuration with static shapes: the prompt (first token [DEC]) is
-run once, filling the self-attention cache and the cross-attention keys/values of the image; then
-one token per step inside `lax.while_loop`, which stops as soon as every sequence is done.
+Each decoder is one jit per configuration with static shapes (defaults are bound before the call,
+so spelling one out costs no compilation): the prompt (first token [DEC]) is run once, filling the
+self-attention cache and the cross-attention keys/values of the image; then one token per step
+inside `lax.while_loop`, which stops as soon as every sequence is done.
 Decoding follows transformers' `generate` as the official BLIP calls it (token ids are tested
 identical to transformers 5.24):
 
@@ -20,6 +21,7 @@ returns them), prompt included, [PAD] after [SEP].
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +119,23 @@ def _token_by_token(cfg, params, memory, prompt, memory_mask, choose, *, copies,
   return jax.lax.while_loop(cond, body, init)[1]
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("max_length", "min_length", "repetition_penalty"))
+def _jit(*static_argnames):
+  """jax.jit with the config and `static_argnames` static, called with every argument spelled out
+  (defaults bound), so that callers that do and do not pass a default share one compilation."""
+  def wrap(fn):
+    jitted = jax.jit(fn, static_argnums=(0,), static_argnames=static_argnames)
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      bound = signature.bind(*args, **kwargs)
+      bound.apply_defaults()
+      return jitted(*bound.args, **bound.kwargs)
+    return call
+  return wrap
+
+
+@_jit("max_length", "min_length", "repetition_penalty")
 def greedy(cfg: BlipConfig, params, memory, prompt, *, max_length: int, min_length: int = 0,
            repetition_penalty: float = 1.0, memory_mask=None):
   """memory [B, M, W] (image tokens, or question states for VQA); prompt [B, P] int32 starting with
@@ -128,9 +145,7 @@ def greedy(cfg: BlipConfig, params, memory, prompt, *, max_length: int, min_leng
                          min_length=min_length, repetition_penalty=repetition_penalty)
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("max_length", "min_length", "repetition_penalty", "temperature", "top_k",
-                                    "top_p", "num_return_sequences"))
+@_jit("max_length", "min_length", "repetition_penalty", "temperature", "top_k", "top_p", "num_return_sequences")
 def sample(cfg: BlipConfig, params, memory, prompt, rng, *, max_length: int, min_length: int = 0,
            top_p: float = 0.9, top_k: int = 0, temperature: float = 1.0, repetition_penalty: float = 1.0,
            num_return_sequences: int = 1, memory_mask=None):
@@ -143,9 +158,8 @@ def sample(cfg: BlipConfig, params, memory, prompt, rng, *, max_length: int, min
                          max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
 
 
-@functools.partial(jax.jit, static_argnums=(0,),
-                   static_argnames=("num_beams", "max_length", "min_length", "length_penalty",
-                                    "repetition_penalty", "early_stopping", "num_return_sequences"))
+@_jit("num_beams", "max_length", "min_length", "length_penalty", "repetition_penalty", "early_stopping",
+      "num_return_sequences")
 def beam_search(cfg: BlipConfig, params, memory, prompt, *, num_beams: int, max_length: int,
                 min_length: int = 0, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
                 early_stopping=False, num_return_sequences: int = 1, memory_mask=None):
