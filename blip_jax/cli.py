@@ -1,4 +1,4 @@
-"""`blip-jax` command line: convert, score, caption, capfilt, train-tokenizer, make-shards, train."""
+"""`blip-jax` command line: convert, score, caption, capfilt, eval, train-tokenizer, make-shards, train."""
 from __future__ import annotations
 
 import argparse
@@ -165,6 +165,30 @@ def cmd_capfilt(a):
           f"{report['pairs_written']} pairs -> {report['output']}; report: {os.path.join(a.out, 'report.json')}")
 
 
+def cmd_eval_retrieval(a):
+  from blip_jax.tasks import retrieval as R
+  if bool(a.videos) and a.image_root:
+    sys.exit("error: give --image-root (images) or --videos (videos), not both")
+  gallery = R.read_gallery(a.annotations, a.videos or a.image_root, video=bool(a.videos))
+  R.check_gallery(gallery, a.k)
+  from blip_jax.train import launch
+  launch.maybe_initialize_distributed()
+  import blip_jax
+  model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
+  R.check_model(model)
+  result = R.evaluate(model, gallery, k=a.k, batch_size=a.batch_size, texts_per_row=a.texts_per_row,
+                      frames=a.frames, max_words=a.max_words, reuse_kv=not a.no_kv_reuse, progress=not a.quiet)
+  import jax
+  if jax.process_index() == 0:
+    R.write_outputs(result, a.out)
+    sk = result.skipped
+    print(f"{len(result.gallery.items)} {'videos' if gallery.video else 'images'}, {len(result.gallery.texts)} texts, "
+          f"k={result.stats['k']}; skipped {len(sk['items'])} undecodable (with their {sk['texts_of_skipped_items']} "
+          f"texts) and {sk['blank_texts']} blank texts", file=sys.stderr)
+    print(R.format_metrics(result.metrics))
+    print(f"wrote {a.out}/metrics.json, scores.npz, rankings.jsonl", file=sys.stderr)
+
+
 def cmd_train_tokenizer(a):
   from blip_jax.tokenizers import SentencePieceTokenizer, train_sentencepiece
   path = train_sentencepiece(a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type,
@@ -236,6 +260,29 @@ def build_parser():
   cf.add_argument("--quiet", action="store_true")
   add_generation_flags(cf, max_length=30, min_length=10, top_p=0.9, repetition_penalty=1.1)
   cf.set_defaults(fn=cmd_capfilt)
+
+  ev = sub.add_parser("eval", help="evaluate a checkpoint on a downstream task").add_subparsers(dest="task", required=True)
+  er = ev.add_parser("retrieval", help="image-text (or zero-shot video-text) retrieval R@K: the official k-candidate "
+                     "ITM re-rank")
+  er.add_argument("--model", required=True, help="retrieval or pretraining checkpoint: official .pth | HF dir | ours")
+  er.add_argument("--annotations", required=True,
+                  help="Karpathy-style eval JSON [{image, caption: [...]}], or with --videos MSRVTT JSON lines "
+                       "{clip_name, caption}")
+  er.add_argument("--image-root", default="", help="root of the annotations' image paths")
+  er.add_argument("--videos", help="video folder: ROOT/clip_name.mp4 (zero-shot video retrieval)")
+  er.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (official 8)")
+  er.add_argument("--k", type=int, default=256, help="candidates re-ranked per query (official: COCO 256, Flickr 128, "
+                  "MSRVTT 128)")
+  er.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 384)")
+  er.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
+  er.add_argument("--out", required=True, help="writes metrics.json, scores.npz, rankings.jsonl here")
+  er.add_argument("--batch-size", type=int, default=32, help="images per encoder call; ITM rows per call")
+  er.add_argument("--texts-per-row", type=int, default=0, help="candidate texts sharing one image's keys/values "
+                  "(default min(k, 64))")
+  er.add_argument("--max-words", type=int, default=30, help="pre_caption word limit (official 30; MSRVTT 40)")
+  er.add_argument("--no-kv-reuse", action="store_true", help="repeat image tokens per text, as the official loop")
+  er.add_argument("--quiet", action="store_true", help="no progress bars")
+  er.set_defaults(fn=cmd_eval_retrieval)
 
   t = sub.add_parser("train-tokenizer", help="train a SentencePiece model with BLIP's special tokens")
   t.add_argument("--input", required=True, help="text file, one sentence per line")

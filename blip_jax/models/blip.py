@@ -5,6 +5,7 @@ paper and a pure function of (params, inputs) through `model.apply(params, ..., 
 
   encode_image  ViT tokens [B, 1+N, Dv]
   image_feat    ITC image feature  normalize(vision_proj(CLS))                 [B, 256]
+  video_feat    ITC video feature  normalize(mean over frames of vision_proj(CLS))
   text_feat     ITC text feature   normalize(text_proj(unimodal encoder CLS)) [B, 256]
   itm_logits    ITM head on the image-grounded encoder's [ENC] state           [B, 2]
   lm_logits     image-grounded causal decoder, LM head                        [B, L, V]
@@ -71,6 +72,12 @@ class Blip(nn.Module):
   def image_feat(self, image_embeds):
     return _l2_normalize(self.vision_proj(image_embeds[:, 0]))
 
+  def video_feat(self, frame_embeds, frames: int):
+    """Zero-shot video ITC feature (official eval_retrieval_video): the normalised mean over a
+    video's frames of the projected [CLS]. frame_embeds [B * frames, 1+N, Dv] -> [B, 256]."""
+    proj = self.vision_proj(frame_embeds[:, 0]).astype(jnp.float32)
+    return _l2_normalize(proj.reshape(-1, frames, proj.shape[-1]).mean(axis=1))
+
   def text_embeds(self, ids, mask, train: bool = False):
     """Unimodal text encoder (mode 'text': no cross-attention), first token [CLS]."""
     ids = with_first_token(ids, self.config.text.cls_id)
@@ -85,6 +92,11 @@ class Blip(nn.Module):
     return self.text_encoder(ids, mask, image_embeds, train=train)
 
   def itm_logits(self, image_embeds, ids, mask, train: bool = False):
+    """ITM logits [B, 2] of B texts. image_embeds [B, M, Dv] (one image per text), or [B / G, M, Dv]
+    with G consecutive texts per image: each image's cross-attention keys/values are then computed
+    once for its G texts (the re-rank of retrieval evaluation)."""
+    if ids.shape[0] % image_embeds.shape[0]:
+      raise ValueError(f"{ids.shape[0]} texts do not group evenly over {image_embeds.shape[0]} images")
     return self.itm_head(self.grounded_embeds(image_embeds, ids, mask, train)[:, 0]).astype(jnp.float32)
 
   def lm_logits(self, image_embeds, ids, mask, train: bool = False):

@@ -60,6 +60,12 @@ class BertAttention(nn.Module):
       elif causal:
         pos = jnp.arange(l)
         bias = causal_bias(pos, pos) + (0.0 if bias is None else bias)
+    # Grouped memory (ITM re-ranking): B texts over B/G images, G consecutive texts per image. Each
+    # image's keys/values are projected once and its G texts attend as one row of G*L queries
+    # (cross-attention queries are independent of each other, so this equals repeating the image).
+    group = b // k.shape[0] if (self.is_cross and not heads_first) else 1
+    if group > 1:
+      q = q.reshape(k.shape[0], group * l, h, d // h)
     rng = self.make_rng("dropout") if (train and c.dropout > 0) else None
     out = dot_product_attention(q, k, v, bias, dropout_rate=c.dropout if train else 0.0,
                                 dropout_rng=rng, dtype=self.dtype, heads_first=heads_first)
@@ -146,7 +152,8 @@ class TextTransformer(nn.Module):
 
   def __call__(self, ids, mask=None, memory=None, memory_mask=None, *, causal=False, decode=False,
                position_offset=0, train=False):
-    """ids [B, L] int; mask [B, L] 1/0; memory [B, M, W]. Returns hidden states [B, L, D]."""
+    """ids [B, L] int; mask [B, L] 1/0; memory [B, M, W], or [B / G, M, W] shared by G consecutive
+    rows (one image's tokens for G candidate texts). Returns hidden states [B, L, D]."""
     if mask is None:
       mask = jnp.ones(ids.shape, jnp.int32)
     pos = position_offset + jnp.arange(ids.shape[1])

@@ -1,4 +1,5 @@
-"""The pretraining step: ITC + ITM + LM in one jitted, sharded function (blip_facts §3.2).
+"""The training step: ITC + ITM + LM in one jitted, sharded function (blip_facts §3.2); the
+retrieval fine-tuning step is the same with image-id positives and no LM (§5.1).
 
 State (a plain dict pytree, checkpointed as is):
   step, params (the pretraining model), opt_state (AdamW), momentum (EMA towers: ViT, text encoder,
@@ -109,17 +110,21 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
       image_feat, text_feat, image_feat_m, text_feat_m, queues["image_queue"], queues["text_queue"],
       temp, alpha, idx=None if idx is None else idx.astype(jnp.int32), idx_queue=queues["idx_queue"])
 
-  # ITM with hard negatives, sampled from the contrastive similarities (official pretraining:
-  # online text vs momentum image of the in-batch columns, per device; 'global': online vs online).
+  # ITM with hard negatives, sampled from the contrastive similarities. Official pretraining: the
+  # in-batch columns of the ITC sims (online vs momentum keys), per device, +1e-4 floor. With image
+  # ids (official retrieval): online vs online sims, every pair of the same image excluded, over the
+  # whole global batch ('global', negative_all_rank) or per data shard ('local'). 'global' without
+  # ids excludes only the pair itself.
   g = ids.shape[0]
-  if loss_cfg.itm_scope == "local":
-    w_t2i = losses.negative_weights(sim_t2i[:, :g], loss_cfg.itm_groups)
-    w_i2t = losses.negative_weights(sim_i2t[:, :g], loss_cfg.itm_groups)
+  groups = loss_cfg.itm_groups if loss_cfg.itm_scope == "local" else 1
+  if loss_cfg.itm_scope == "local" and idx is None:
+    w_t2i = losses.negative_weights(sim_t2i[:, :g], groups)
+    w_i2t = losses.negative_weights(sim_i2t[:, :g], groups)
   else:
     s = image_feat @ text_feat.T / temp
     gid = idx if idx is not None else jnp.arange(g)
-    w_i2t = losses.negative_weights(s, 1, idx=gid)
-    w_t2i = losses.negative_weights(s.T, 1, idx=gid)
+    w_i2t = losses.negative_weights(s, groups, idx=gid)
+    w_t2i = losses.negative_weights(s.T, groups, idx=gid)
   neg_image = losses.sample_negatives(k_neg_i, w_t2i)  # for each text, an image
   neg_text = losses.sample_negatives(k_neg_t, w_i2t)  # for each image, a text
 
@@ -129,11 +134,13 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
     texts = jnp.concatenate([ids, ids[neg_text]], axis=0)
     masks = jnp.concatenate([mask, mask[neg_text]], axis=0)
     neg = m.itm_logits(images, texts, masks, train=True)
-    lm = m.lm_logits(image_embeds, ids, mask, train=True)
+    lm = m.lm_logits(image_embeds, ids, mask, train=True) if cfg.kind == "pretrain" else None
     return pos, neg, lm
   logits_pos, logits_neg, lm_logits = model.apply({"params": params}, method=itm, rngs=rngs)
   loss_itm, itm_acc = losses.itm_loss(logits_pos, logits_neg)
-  loss_lm = losses.lm_loss(lm_logits, ids, mask, label_smoothing=loss_cfg.label_smoothing)
+  # retrieval fine-tuning has no decoder: ITC + ITM only (official blip_retrieval)
+  loss_lm = (losses.lm_loss(lm_logits, ids, mask, label_smoothing=loss_cfg.label_smoothing)
+             if lm_logits is not None else jnp.zeros((), jnp.float32))
   total = loss_itc + loss_itm + loss_lm
   metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm,
              "itm_acc": itm_acc}
@@ -211,15 +218,27 @@ def paper_schedule(lr: float, warmup_steps: int, warmup_lr: float, decay_rate: f
   return fn
 
 
+def epoch_cosine_schedule(lr: float, min_lr: float, steps_per_epoch: int, epochs: int) -> Callable:
+  """Official fine-tuning: lr_e = (lr - min_lr) * 0.5 * (1 + cos(pi * e / epochs)) + min_lr for epoch
+  e, constant within the epoch, no warm-up (blip_facts §5)."""
+  def fn(step):
+    epoch = jnp.floor(jnp.asarray(step, jnp.float32) / max(steps_per_epoch, 1))
+    return (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(epochs, 1))) + min_lr
+  return fn
+
+
 def make_optimizer(opt: dict, steps_per_epoch: int, total_steps: int):
-  if opt["schedule"] == "paper":
+  if opt["schedule"] == "cosine_epoch":
+    lr_fn = epoch_cosine_schedule(opt["lr"], opt["min_lr"], steps_per_epoch,
+                                  -(-total_steps // max(steps_per_epoch, 1)))
+  elif opt["schedule"] == "paper":
     lr_fn = paper_schedule(opt["lr"], opt["warmup_steps"], opt["warmup_lr"], opt["decay_rate"],
                            opt["min_lr"], steps_per_epoch)
   elif opt["schedule"] == "cosine":
     lr_fn = optax.warmup_cosine_decay_schedule(opt["warmup_lr"], opt["lr"], opt["warmup_steps"],
                                                max(total_steps, opt["warmup_steps"] + 1), opt["min_lr"])
   else:
-    raise ValueError(f"optim.schedule must be 'paper' or 'cosine', got {opt['schedule']!r}")
+    raise ValueError(f"optim.schedule must be 'paper', 'cosine' or 'cosine_epoch', got {opt['schedule']!r}")
   chain = []
   if opt.get("clip_grad_norm", 0) > 0:
     chain.append(optax.clip_by_global_norm(opt["clip_grad_norm"]))

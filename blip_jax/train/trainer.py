@@ -1,5 +1,7 @@
-"""The pretraining loop: config -> mesh -> sharded state -> steps, with Orbax checkpoints that
-resume exactly (state, rng, data position), TensorBoard metrics, and clean stops.
+"""The training loop of every task (pretraining, retrieval fine-tuning): config -> mesh -> sharded
+state -> steps, with Orbax checkpoints that resume exactly (state, rng, data position), TensorBoard
+metrics, clean stops, the task's evaluation at each epoch's end and the best checkpoint by its
+selection metric (blip_jax/tasks).
 
 Side effects live here; the step (step.py) is pure.
 """
@@ -26,7 +28,9 @@ class ConfigError(ValueError):
 
 # ---- config -> objects ------------------------------------------------------------------------
 def model_config(c, tokenizer=None):
-  """The BlipConfig of a training config; the text special ids follow `tokenizer` when given."""
+  """The BlipConfig of a training config (the task's model kind); the text special ids follow
+  `tokenizer` when given."""
+  from blip_jax import tasks
   from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig, VIT_SIZES
   m = c.model
   vision = dict(VIT_SIZES[m.vit]) if m.vit else {}
@@ -39,7 +43,7 @@ def model_config(c, tokenizer=None):
                         f"{tokenizer.vocab_size}")
     text.update(pad_id=tokenizer.pad_id, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
                 dec_id=tokenizer.dec_id, enc_id=tokenizer.enc_id)
-  return BlipConfig(kind="pretrain", vision=VisionConfig(**vision), text=TextConfig(**text),
+  return BlipConfig(kind=tasks.get(c.task).model_kind, vision=VisionConfig(**vision), text=TextConfig(**text),
                     embed_dim=m.embed_dim, dtype=m.dtype)
 
 
@@ -189,7 +193,13 @@ def train(c, workdir: str):
   import blip_jax.data as D
   from blip_jax.data.device import prefetch_to_device
 
+  from blip_jax import tasks
   workdir = os.path.abspath(workdir)
+  try:
+    task = tasks.get(c.task)
+    task.check_config(c)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from None
   os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(c)
   check_batch(c, mesh)
@@ -244,6 +254,34 @@ def train(c, workdir: str):
     if wait:
       mngr.wait_until_finished()
 
+  best = _read_best(workdir)
+  eval_metrics = {}
+
+  def evaluate_epoch(step):
+    """The task's evaluation at an epoch's end (every process takes part); keeps the best model."""
+    nonlocal best, eval_metrics
+    from blip_jax.api import BlipModel
+    t0 = time.time()
+    model = BlipModel(mcfg, _host_params(state["params"], mesh), tokenizer=tok)
+    eval_metrics = task.evaluate(c, model)
+    epoch = step // steps_per_epoch
+    eval_metrics["eval_s"] = time.time() - t0
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    improved = task.select in eval_metrics and (best is None or eval_metrics[task.select] > best["value"])
+    if improved:
+      best = {"step": step, "epoch": epoch, "metric": task.select, "value": eval_metrics[task.select],
+              "metrics": eval_metrics}
+      model.save(os.path.join(workdir, "best"))
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in eval_metrics.items()}}) + "\n")
+      if improved:
+        with open(os.path.join(workdir, "best", "best.json"), "w") as f:
+          json.dump(best, f, indent=2)
+      shown = "  ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items() if k.endswith(("r1", "r_mean")))
+      print(f"epoch {epoch} eval ({eval_metrics['eval_s']:.0f} s): {shown}"
+            f"{'  (best so far: saved to ' + os.path.join(workdir, 'best') + ')' if improved else ''}", flush=True)
+
   step = int(state["step"])
   t_last, n_last, metrics = time.time(), step, {}
   history = []
@@ -282,15 +320,36 @@ def train(c, workdir: str):
       print(f"signal {stopper.signal}: saved checkpoint at step {step}; exiting", flush=True)
       writer.close()
       sys.exit(0)
-    if step % c.checkpoint_every == 0 or step == total_steps:
+    epoch_end = task.evaluate is not None and (step % steps_per_epoch == 0 or step == total_steps)
+    if step % c.checkpoint_every == 0 or step == total_steps or epoch_end:
       if int(state["nonfinite_step"]) < 0:
         save(step)
+    if epoch_end:
+      evaluate_epoch(step)
   mngr.wait_until_finished()
   writer.flush()
   result = {"final": metrics, "step": step}
-  if c.eval.enabled and jax.process_index() == 0:
+  if task.evaluate is not None:
+    result["eval"], result["best"] = eval_metrics, best
+  elif c.eval.enabled and jax.process_index() == 0:
     result["eval"] = run_eval(c, mcfg, state["params"], tok)
   return result
+
+
+def _host_params(params, mesh):
+  """Params as host numpy arrays on every process (replicated first when sharded over hosts)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  if jax.process_count() > 1:
+    params = jax.jit(lambda p: p, out_shardings=NamedSharding(mesh, P()))(params)
+  return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def _read_best(workdir):
+  path = os.path.join(workdir, "best", "best.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return None
 
 
 def run_eval(c, mcfg, params, tok):
@@ -327,8 +386,10 @@ def _initialise_from(c, mcfg, state, shardings):
   extras = {}
   if init.blip:
     from blip_jax.api import load
-    m = load(init.blip, kind="pretrain", image_size=mcfg.vision.image_size)
+    m = load(init.blip, kind=mcfg.kind, image_size=mcfg.vision.image_size)
     params, extras = jax.tree.map(np.asarray, m.params), m.extras
+    if m.config.kind != mcfg.kind:  # our or a transformers checkpoint of another kind
+      params, extras = _retarget(params, extras, m.config.kind, mcfg.kind, init.blip)
   if init.deit:
     params = load_vit_into(params, mcfg, init.deit)
   if init.bert:
@@ -341,6 +402,19 @@ def _initialise_from(c, mcfg, state, shardings):
     new["image_queue"], new["text_queue"] = buf["image_queue"].T, buf["text_queue"].T  # (256, Q) -> (Q, 256)
   new["opt_state"] = state["opt_state"]
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), new, shardings)
+
+
+def _retarget(params, extras, src: str, dst: str, path: str):
+  """A pretraining model's weights as a retrieval model (the official fine-tuning start): the text
+  encoder without the decoder's self-attention and LM head."""
+  if (src, dst) != ("pretrain", "retrieval"):
+    raise ConfigError(f"init.blip {path} is a {src!r} model; a {dst!r} run starts from a {dst} or pretraining "
+                      "checkpoint")
+  from blip_jax.train.step import momentum_view
+  keep = {"temp", "itm_head"} | set(momentum_view(params))
+  out = {k: v for k, v in params.items() if k in keep}
+  out.update(momentum_view(params))
+  return out, extras
 
 
 def _flat(d, prefix=""):

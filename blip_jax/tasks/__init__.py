@@ -1,0 +1,27 @@
+"""Training tasks. The one trainer (blip_jax/train/trainer.py) runs every task; a task brings what
+differs: its model kind, what to check in the config before any compute, and the evaluation run at
+every epoch's end (with the metric that picks the best checkpoint). The loss step is shared
+(blip_jax/train/step.py): the model kind and the loss config select the paper's losses."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  name: str
+  model_kind: str
+  check_config: Callable = lambda c: None  # raises ValueError on a config that cannot run
+  evaluate: Optional[Callable] = None  # (config, BlipModel) -> {"split/metric": value}, each epoch
+  select: str = ""  # the metric (higher is better) that picks the best checkpoint
+
+
+def get(name: str) -> Task:
+  if name == "pretrain":
+    return Task("pretrain", "pretrain")
+  if name == "retrieval":
+    from blip_jax.tasks import retrieval
+    return Task("retrieval", "retrieval", retrieval.check_training_config, retrieval.evaluate_splits,
+                select="val/r_mean")
+  raise ValueError(f"unknown task {name!r}: pretrain or retrieval")
