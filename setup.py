@@ -11,6 +11,6 @@ setup(
         "jax", "flax", "optax", "orbax-checkpoint", "numpy", "pillow", "safetensors", "tqdm",
         "ml-collections", "absl-py", "sentencepiece",
     ],
-    extras_require={"torch": ["torch", "transformers"]},
+    extras_require={"torch": ["torch", "transformers"], "video": ["av"]},
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )

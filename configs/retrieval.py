@@ -34,7 +34,7 @@ def get_config(variant="coco"):
   c.log_every = 50
   c.checkpoint_every = 1000
   c.eval = mlc.ConfigDict(dict(annotations=mlc.ConfigDict(dict(val="", test="")), image_root="", k=256,
-                               batch_size=32))
+                               batch_size=32, every_epochs=1))
   if variant == "coco":
     pass
   elif variant == "flickr":

@@ -320,7 +320,8 @@ def train(c, workdir: str):
       print(f"signal {stopper.signal}: saved checkpoint at step {step}; exiting", flush=True)
       writer.close()
       sys.exit(0)
-    epoch_end = task.evaluate is not None and (step % steps_per_epoch == 0 or step == total_steps)
+    epoch_end = task.evaluate is not None and (step % (steps_per_epoch * c.eval.every_epochs) == 0
+                                               or step == total_steps)
     if step % c.checkpoint_every == 0 or step == total_steps or epoch_end:
       if int(state["nonfinite_step"]) < 0:
         save(step)
