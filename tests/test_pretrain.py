@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from conftest import one_device_env
 from pretrain_util import ROOT, run_steps, tiny_config
 
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
@@ -94,12 +95,7 @@ def _train_cmd(workdir, *extra):
           "--config.log_every=1", "--config.checkpoint_every=3", "--config.keep_checkpoints=10", *extra]
 
 
-def _env():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user's run
-  # The runs of one config share compiled steps through the persistent cache (as tests in-process do).
-  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  return env
+_env = one_device_env
 
 
 def _losses(workdir):

@@ -12,17 +12,13 @@ import pytest
 import torch
 
 import blip_jax
-from conftest import COCO
+from conftest import COCO, one_device_env
 
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
-def _env():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user's run
-  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-  return env
+_env = one_device_env
 
 
 def test_finetuning_learns_and_keeps_the_best_checkpoint(tmp_path):

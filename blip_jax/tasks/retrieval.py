@@ -162,7 +162,8 @@ def _allgather_strided(local: np.ndarray, n: int, count: int, index: int) -> np.
 
 def candidate_rows(topk_i2t: np.ndarray, topk_t2i: np.ndarray, n_texts: int, per_row: int):
   """The union of both directions' candidate pairs, grouped by image into rows of at most
-  `per_row` texts: (row images [R], row texts [R, per_row] padded with -1)."""
+  `per_row` texts. Returns (pairs: sorted keys image * n_texts + text, row images [R], row texts
+  [R, per_row] padded with -1); the rows' valid entries, read row by row, are `pairs` in order."""
   i2t = np.repeat(np.arange(len(topk_i2t)), topk_i2t.shape[1]) * n_texts + topk_i2t.ravel()
   t2i = topk_t2i.ravel() * n_texts + np.repeat(np.arange(len(topk_t2i)), topk_t2i.shape[1])
   pairs = np.unique(np.concatenate([i2t, t2i]))  # sorted: by image, then text
@@ -174,7 +175,7 @@ def candidate_rows(topk_i2t: np.ndarray, topk_t2i: np.ndarray, n_texts: int, per
       t = texts[a:min(a + per_row, e)]
       row_images.append(images[s])
       row_texts.append(np.pad(t, (0, per_row - len(t)), constant_values=-1))
-  return np.asarray(row_images, np.int64), np.asarray(row_texts, np.int64).reshape(-1, per_row)
+  return pairs, np.asarray(row_images, np.int64), np.asarray(row_texts, np.int64).reshape(-1, per_row)
 
 
 def read_video(path: str, frames: int, size: int) -> np.ndarray:
@@ -220,165 +221,182 @@ def evaluate(model, gallery: Gallery, *, k: int = 256, batch_size: int = 32, tex
              reuse_kv: bool = True, progress: bool = True, workers: int = 8, devices=None) -> RetrievalResult:
   """The official k-candidate re-rank of `gallery` with `model` (a BlipModel with ITC/ITM heads).
 
-  batch_size: images (videos) per encoder call; texts_per_row: candidate texts that share one
-  image's keys/values (default min(k, 64)); rows_per_call: rows per ITM call (default: batch_size, rounded to the
-  local devices); reuse_kv=False repeats the image tokens for each text (the official cost);
-  devices: this process's devices to use (default all local ones).
+  batch_size: images (videos) per encoder call and rows per ITM call (rounded up to the local
+  devices); texts_per_row: candidate texts that share one image's keys/values (default min(k, 64));
+  reuse_kv=False repeats the image tokens for each text (the official cost); devices: this
+  process's devices to use (default all local ones).
   """
-  from blip_jax.caption import DataParallel, map_ahead, pad_rows
-  from blip_jax.preprocess import ImageDecodeError, normalize, preprocess
-  from blip_jax.tokenizers import pre_caption
-  cfg = model.config
+  from blip_jax.caption import DataParallel
   check_request(model, gallery, k)
-  P, me = jax.process_count(), jax.process_index()
+  cfg, P, me = model.config, jax.process_count(), jax.process_index()
   dp = DataParallel(devices)
   params = dp.put_params(model.params)
+  nf = frames if gallery.video else 1
   stats = {}
 
-  # 1. texts: cleaned as official (blank ones dropped and counted), features of this process's share
   t0 = time.time()
-  clean = [pre_caption(t, max_words) if isinstance(t, str) else "" for t in gallery.texts]
-  blank = {t for t, c in enumerate(clean) if not c}
+  ids, mask, blank = _tokenize(model, gallery.texts, max_words, text_length)
+  text_feat = _text_features(cfg, params, dp, ids, mask, 4 * batch_size, progress)
+  stats["text_s"] = time.time() - t0
+  t0 = time.time()
+  tokens, image_feat, ok, errors = _encode_items(cfg, params, dp, gallery, nf, batch_size, workers, progress)
+  stats["image_s"] = time.time() - t0
+  for i, e in sorted(errors.items()):
+    print(f"warning: skipped {e}", file=sys.stderr)
+  evaluated, keep_img, keep_txt, skipped = _drop_unreadable(gallery, ok, blank, errors)
+  kk = min(k, len(keep_img), len(keep_txt))
+  if kk < k:
+    print(f"warning: k={k} lowered to {kk} (the gallery left after skipping)", file=sys.stderr)
+
+  # ITC similarities, both directions' top-k, the union of their pairs in rows of one image each
+  t0 = time.time()
+  n_txt = len(keep_txt)
+  sims = image_feat[keep_img] @ text_feat[keep_txt].T
+  topk_i2t, topk_t2i = _topk(sims, kk), _topk(sims.T, kk)
+  S = texts_per_row or min(kk, 64)
+  pairs, row_img, row_txt = candidate_rows(topk_i2t, topk_t2i, n_txt, S)
+  itm = _score_rows(cfg, params, dp, tokens, keep_img[row_img], np.where(row_txt < 0, -1, keep_txt[row_txt]),
+                    ids, mask, dp.round_batch(rows_per_call or batch_size), reuse_kv, progress)
+  stats["rerank_s"] = time.time() - t0
+
+  # score matrices as official: ITM positive logit + cosine on each query's candidates, -100 elsewhere
+  pair_score = itm[row_txt >= 0] + sims[pairs // n_txt, pairs % n_txt]  # aligned with `pairs`
+  score_i2t = np.full(sims.shape, -100.0, np.float32)
+  score_t2i = np.full(sims.T.shape, -100.0, np.float32)
+  ri = np.repeat(np.arange(len(keep_img)), kk)
+  score_i2t[ri, topk_i2t.ravel()] = pair_score[np.searchsorted(pairs, ri * n_txt + topk_i2t.ravel())]
+  rt = np.repeat(np.arange(n_txt), kk)
+  score_t2i[rt, topk_t2i.ravel()] = pair_score[np.searchsorted(pairs, topk_t2i.ravel() * n_txt + rt)]
+  metrics = recall_at_k(score_i2t, score_t2i, evaluated.txt2img, evaluated.img2txt)
+
+  memory = (cfg.vision.num_patches + 1) * nf
+  official = kk * (len(keep_img) + n_txt)
+  scored = len(pairs) if reuse_kv else row_txt.size
+  stats.update(k=kk, pairs=len(pairs), rows=len(row_img), official_pairs=official,
+               itm_flops=itm_flops(cfg, scored, len(row_img) if reuse_kv else scored, text_length, memory),
+               official_itm_flops=itm_flops(cfg, official, official, text_length, memory))
+  return RetrievalResult(metrics, score_i2t, score_t2i, sims, evaluated, skipped, stats)
+
+
+def _tokenize(model, texts, max_words, text_length):
+  """Texts cleaned as official (pre_caption) and tokenized; blank ones are marked to be dropped."""
+  from blip_jax.tokenizers import pre_caption
+  clean = [pre_caption(t, max_words) if isinstance(t, str) else "" for t in texts]
   ids, mask = model.tokenize([c or "." for c in clean], max_length=text_length)
-  ids, mask = np.asarray(ids, np.int32), np.asarray(mask, np.int32)
-  n_txt = len(clean)
-  mine = np.arange(me, n_txt, P)
-  rows = dp.round_batch(max(batch_size, 1) * 4)
-  feats = []
+  return np.asarray(ids, np.int32), np.asarray(mask, np.int32), {t for t, c in enumerate(clean) if not c}
+
+
+def _text_features(cfg, params, dp, ids, mask, batch, progress):
+  """ITC features of every text: this process computes texts p, p+P, ..., then all are gathered."""
+  from blip_jax.caption import pad_rows
+  P, me = jax.process_count(), jax.process_index()
+  mine = np.arange(me, len(ids), P)
+  rows = dp.round_batch(batch)
+  feats = [np.zeros((0, cfg.embed_dim), np.float32)]
   with _bar(len(mine), "text features", progress) as bar:
     for s in range(0, len(mine), rows):
       sel = mine[s:s + rows]
       f = text_features(cfg, params, dp.put_batch(pad_rows(ids[sel], rows)), dp.put_batch(pad_rows(mask[sel], rows)))
       feats.append(np.asarray(f)[:len(sel)])
       bar.update(len(sel))
-  text_feat = _allgather_strided(np.concatenate(feats) if feats else np.zeros((0, cfg.embed_dim), np.float32),
-                                 n_txt, P, me)
-  stats["text_s"] = time.time() - t0
+  return _allgather_strided(np.concatenate(feats), len(ids), P, me)
 
-  # 2. images (videos): decoded in threads a batch ahead, encoded; tokens of this process's share kept on host
-  t0 = time.time()
-  size = cfg.vision.image_size
-  nf = frames if gallery.video else 1
-  n_img = len(gallery.items)
-  mine_img = np.arange(me, n_img, P)
+
+def _encode_items(cfg, params, dp, gallery, frames, batch_size, workers, progress):
+  """Decodes (threads, a batch ahead) and encodes this process's items p, p+P, ...
+
+  Returns ({item: tokens [M, D]} of this process's items, kept on the host; ITC features [N, 256]
+  and readable flags [N] of all items (gathered); {item: error} of this process's items)."""
+  from blip_jax.caption import map_ahead, pad_rows
+  from blip_jax.preprocess import ImageDecodeError, normalize, preprocess
+  P, me = jax.process_count(), jax.process_index()
+  size, n = cfg.vision.image_size, len(gallery.items)
 
   def load(i):
     try:
       if gallery.video:
-        return i, normalize(read_video(gallery.items[i], nf, size)), None
+        return i, normalize(read_video(gallery.items[i], frames, size)), None
       return i, preprocess([gallery.items[i]], size), None
     except ImageDecodeError as e:
       return i, None, str(e)
     except Exception as e:  # noqa: BLE001  (PyAV/FFmpeg raise many kinds; a bad file is skipped, not fatal)
       return i, None, f"{gallery.items[i]}: cannot decode video ({type(e).__name__}: {e})"
 
+  mine = np.arange(me, n, P)
   b = dp.round_batch(batch_size)
-  tokens = {}  # global item index -> [M, D] host array
-  image_feat_local = np.zeros((len(mine_img), cfg.embed_dim), np.float32)
-  ok_local = np.zeros(len(mine_img), bool)
-  errors = {}
-  where = {int(i): r for r, i in enumerate(mine_img)}
-  chunks = (mine_img[s:s + b] for s in range(0, len(mine_img), b))
-  with _bar(len(mine_img), "videos" if gallery.video else "images", progress) as bar:
-    for results in map_ahead(load, chunks, workers=workers):
+  tokens, errors = {}, {}
+  feat, ok = np.zeros((len(mine), cfg.embed_dim), np.float32), np.zeros(len(mine), bool)
+  with _bar(len(mine), "videos" if gallery.video else "images", progress) as bar:
+    for results in map_ahead(load, (mine[s:s + b] for s in range(0, len(mine), b)), workers=workers):
       good = [(i, x) for i, x, _ in results if x is not None]
       errors.update({i: e for i, _, e in results if e is not None})
       if good:
-        pix = np.concatenate([x for _, x in good])
-        e, f = encode_items(cfg, params, dp.put_batch(pad_rows(pix, b * nf)), nf)
+        e, f = encode_items(cfg, params, dp.put_batch(pad_rows(np.concatenate([x for _, x in good]), b * frames)),
+                            frames)
         e, f = np.asarray(e), np.asarray(f)
         for r, (i, _) in enumerate(good):
           tokens[i] = e[r]
-          image_feat_local[where[i]], ok_local[where[i]] = f[r], True
+          feat[i // P], ok[i // P] = f[r], True  # item i is this process's row i // P
       bar.update(len(results))
-  image_feat = _allgather_strided(image_feat_local, n_img, P, me)
-  ok = _allgather_strided(ok_local, n_img, P, me)
-  stats["image_s"] = time.time() - t0
-  for i, e in sorted(errors.items()):
-    print(f"warning: skipped {e}", file=sys.stderr)
+  return tokens, _allgather_strided(feat, n, P, me), _allgather_strided(ok, n, P, me), errors
 
-  # 3. drop what could not be read: undecodable items with their texts, blank texts
+
+def _drop_unreadable(gallery, ok, blank, errors):
+  """The gallery without undecodable items (and their texts) and blank texts, re-indexed.
+  Returns (gallery, kept item indices, kept text indices, what was skipped)."""
+  n_img = len(gallery.items)
   keep_img = np.flatnonzero(ok)
-  keep_txt = np.asarray([t for t in range(n_txt) if t not in blank and ok[gallery.txt2img[t]]], np.int64)
-  skipped = {"items": [(gallery.items[i], errors.get(i, "not decodable on another host"))
-                       for i in range(n_img) if not ok[i]],
-             "blank_texts": len(blank), "texts_of_skipped_items": int(sum(len(gallery.img2txt[i]) for i in range(n_img) if not ok[i]))}
+  keep_txt = np.asarray([t for t in range(len(gallery.texts)) if t not in blank and ok[gallery.txt2img[t]]],
+                        np.int64)
+  bad = [i for i in range(n_img) if not ok[i]]
+  skipped = {"items": [(gallery.items[i], errors.get(i, "not decodable (on another host)")) for i in bad],
+             "blank_texts": len(blank), "texts_of_skipped_items": int(sum(len(gallery.img2txt[i]) for i in bad))}
   if len(keep_img) == 0 or len(keep_txt) == 0:
-    raise ValueError(f"nothing left to evaluate: {len(skipped['items'])} of {n_img} items undecodable, "
-                     f"{len(blank)} blank texts")
-  new_img = -np.ones(n_img, np.int64)
-  new_img[keep_img] = np.arange(len(keep_img))
-  txt2img = new_img[gallery.txt2img[keep_txt]]
+    raise ValueError(f"nothing left to evaluate: {len(bad)} of {n_img} items undecodable, {len(blank)} blank texts")
+  new = -np.ones(n_img, np.int64)
+  new[keep_img] = np.arange(len(keep_img))
+  txt2img = new[gallery.txt2img[keep_txt]]
   img2txt = [[] for _ in keep_img]
   for t, i in enumerate(txt2img):
     img2txt[i].append(t)
   evaluated = Gallery([gallery.items[i] for i in keep_img], [gallery.texts[t] for t in keep_txt], txt2img,
                       img2txt, gallery.video)
-  kk = min(k, len(keep_img), len(keep_txt))
-  if kk < k:
-    print(f"warning: k={k} lowered to {kk} (the gallery left after skipping)", file=sys.stderr)
+  return evaluated, keep_img, keep_txt, skipped
 
-  # 4. ITC similarities and both directions' top-k; the union of pairs grouped by image
-  t0 = time.time()
-  sims = image_feat[keep_img] @ text_feat[keep_txt].T
-  topk_i2t, topk_t2i = _topk(sims, kk), _topk(sims.T, kk)
-  S = texts_per_row or min(kk, 64)
-  row_img, row_txt = candidate_rows(topk_i2t, topk_t2i, len(keep_txt), S)
-  owner = keep_img[row_img] % P  # the process that holds the image's tokens
-  my_rows = np.flatnonzero(owner == me)
-  per_call = dp.round_batch(rows_per_call or batch_size)
-  local_scores = np.zeros((len(my_rows), S), np.float32)
-  sub_ids, sub_mask = ids[keep_txt], mask[keep_txt]
-  with _bar(len(my_rows), "re-rank (ITM)", progress) as bar:
-    for s in range(0, len(my_rows), per_call):
-      sel = my_rows[s:s + per_call]
-      txt = row_txt[sel]
-      txt = np.where(txt < 0, txt[:, :1], txt)  # padding repeats the row's first text
-      mem = np.stack([tokens[keep_img[row_img[r]]] for r in sel])
-      if reuse_kv:
-        mem = pad_rows(mem, per_call)
-      else:
-        mem = pad_rows(np.repeat(mem, S, axis=0), per_call * S)
-      out = itm_positive(cfg, params, dp.put_batch(mem), dp.put_batch(pad_rows(sub_ids[txt.ravel()], per_call * S)),
-                         dp.put_batch(pad_rows(sub_mask[txt.ravel()], per_call * S)))
-      local_scores[s:s + len(sel)] = np.asarray(out)[:len(sel) * S].reshape(len(sel), S)
+
+def _score_rows(cfg, params, dp, tokens, row_items, row_texts, ids, mask, per_call, reuse_kv, progress):
+  """ITM positive logits [R, S] of candidate rows (row r: item row_items[r] with texts row_texts[r],
+  -1 = padding). Each process scores the rows of the items whose tokens it holds (item % P); the
+  scores are then gathered, so every process returns all rows."""
+  from blip_jax.caption import pad_rows
+  P, me = jax.process_count(), jax.process_index()
+  S = row_texts.shape[1]
+  owner = row_items % P
+  mine = np.flatnonzero(owner == me)
+  local = np.zeros((len(mine), S), np.float32)
+  with _bar(len(mine), "re-rank (ITM)", progress) as bar:
+    for s in range(0, len(mine), per_call):
+      sel = mine[s:s + per_call]
+      txt = row_texts[sel]
+      txt = np.where(txt < 0, txt[:, :1], txt).ravel()  # padding repeats the row's first text
+      mem = np.stack([tokens[i] for i in row_items[sel]])
+      mem = pad_rows(mem, per_call) if reuse_kv else pad_rows(np.repeat(mem, S, axis=0), per_call * S)
+      out = itm_positive(cfg, params, dp.put_batch(mem), dp.put_batch(pad_rows(ids[txt], per_call * S)),
+                         dp.put_batch(pad_rows(mask[txt], per_call * S)))
+      local[s:s + len(sel)] = np.asarray(out)[:len(sel) * S].reshape(len(sel), S)
       bar.update(len(sel))
-  # gather every process's rows (each process knows which rows every other one scored)
-  itm = np.zeros((len(row_img), S), np.float32)
+  itm = np.zeros(row_texts.shape, np.float32)
   if P == 1:
-    itm[my_rows] = local_scores
-  else:
-    from jax.experimental import multihost_utils
-    per = max(int(np.sum(owner == p)) for p in range(P))
-    pad = np.zeros((per, S), np.float32)
-    pad[:len(my_rows)] = local_scores
-    every = np.asarray(multihost_utils.process_allgather(pad))
-    for p in range(P):
-      r = np.flatnonzero(owner == p)
-      itm[r] = every[p, :len(r)]
-  stats["rerank_s"] = time.time() - t0
-
-  # 5. score matrices as official: ITM positive logit + cosine on the candidates, -100 elsewhere
-  valid = row_txt >= 0
-  pair_img = np.broadcast_to(row_img[:, None], row_txt.shape)[valid]
-  pair_txt = row_txt[valid]
-  pair_score = itm[valid] + sims[pair_img, pair_txt]
-  lookup = dict(zip((pair_img * len(keep_txt) + pair_txt).tolist(), pair_score.tolist()))
-  score_i2t = np.full(sims.shape, -100.0, np.float32)
-  score_t2i = np.full(sims.T.shape, -100.0, np.float32)
-  ri = np.repeat(np.arange(len(keep_img)), kk)
-  score_i2t[ri, topk_i2t.ravel()] = [lookup[i * len(keep_txt) + t] for i, t in zip(ri, topk_i2t.ravel())]
-  rt = np.repeat(np.arange(len(keep_txt)), kk)
-  score_t2i[rt, topk_t2i.ravel()] = [lookup[i * len(keep_txt) + t] for t, i in zip(rt, topk_t2i.ravel())]
-  metrics = recall_at_k(score_i2t, score_t2i, txt2img, img2txt)
-
-  memory = int(next(iter(tokens.values())).shape[0]) if tokens else (cfg.vision.num_patches + 1) * nf
-  official_pairs = kk * (len(keep_img) + len(keep_txt))
-  stats.update(k=kk, pairs=int(valid.sum()), rows=len(row_img), official_pairs=official_pairs,
-               itm_flops=itm_flops(cfg, int(valid.sum()) if reuse_kv else len(row_img) * S,
-                                   len(row_img) if reuse_kv else len(row_img) * S, text_length, memory),
-               official_itm_flops=itm_flops(cfg, official_pairs, official_pairs, text_length, memory))
-  return RetrievalResult(metrics, score_i2t, score_t2i, sims, evaluated, skipped, stats)
+    itm[mine] = local
+    return itm
+  from jax.experimental import multihost_utils
+  pad = np.zeros((max(int(np.sum(owner == p)) for p in range(P)), S), np.float32)
+  pad[:len(mine)] = local
+  every = np.asarray(multihost_utils.process_allgather(pad))  # every process knows whose rows are whose
+  for p in range(P):
+    r = np.flatnonzero(owner == p)
+    itm[r] = every[p, :len(r)]
+  return itm
 
 
 def check_request(model, gallery: Gallery, k: int):
