@@ -67,19 +67,9 @@ class JsonInput:
   ext = ".json"
 
   def __init__(self, annotations: Sequence[str], image_root: str, per_shard: int):
-    entries = []
-    for f in annotations:
-      with open(f) as fh:
-        entries += json.load(fh)
-    if not entries or "image" not in entries[0] or "caption" not in entries[0]:
-      raise ValueError(f"{list(annotations)}: not a BLIP caption annotation file (entries need image and caption)")
-    groups: dict = {}
-    for e in entries:
-      g = groups.setdefault(e["image"], {"image": e["image"], "texts": []})
-      g["texts"] += e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-      if "image_id" in e:
-        g["image_id"] = e["image_id"]
-    self.images = list(groups.values())
+    from blip_jax.data.annotations import caption_groups, read_entries
+    groups = caption_groups(read_entries(annotations), "image", ", ".join(annotations))
+    self.images = groups
     self.root, self.per_shard = image_root, per_shard
     self.num_shards = -(-len(self.images) // per_shard)
 

@@ -61,7 +61,8 @@ def test_finetuning_learns_and_keeps_the_best_checkpoint(tmp_path):
 
 def test_starts_from_official_pretraining_pth(tmp_path):
   """The official fine-tuning start: online weights, momentum copies (*_m), temp and the image/text
-  queues of a pretraining checkpoint; the idx queue new (-100) and the pointer at 0."""
+  queues of a pretraining checkpoint; the idx queue new (-100) and the pointer at 0. The same
+  model in our format (kind 'pretrain') gives the same start."""
   from official_ref import official_state_dict, shared_pair
   from blip_jax.train.trainer import _initialise_from, build, model_config
   sd = official_state_dict("keys_official_pretrain.txt", *shared_pair())
@@ -79,8 +80,13 @@ def test_starts_from_official_pretraining_pth(tmp_path):
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
   _, init_fn, shardings, _, _ = build(c, mcfg, mesh, 10, 20)
   with jax.set_mesh(mesh):
-    fresh = init_fn(jax.random.PRNGKey(0))
-    state = _initialise_from(c, mcfg, fresh, shardings)
+    state = _initialise_from(c, mcfg, init_fn(jax.random.PRNGKey(0)), shardings)
+    # the same pretraining model saved in our format (a 'pretrain' kind dir) starts the same run
+    blip_jax.load(c.init.blip).save(str(tmp_path / "ours_pretrain"))
+    c.init.blip = str(tmp_path / "ours_pretrain")
+    again = _initialise_from(c, mcfg, init_fn(jax.random.PRNGKey(1)), shardings)
+  for k in ("params", "momentum", "image_queue", "text_queue", "idx_queue", "queue_ptr"):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(again[k]), jax.device_get(state[k]))
   p, m = jax.tree.map(np.asarray, state["params"]), jax.tree.map(np.asarray, state["momentum"])
   t = lambda k: sd[k].numpy()
   np.testing.assert_array_equal(p["text_encoder"]["layer_1"]["cross_attn"]["key"]["kernel"],

@@ -46,10 +46,8 @@ def _write_shard(args):
 
 def make_shards(annotations: list[str], image_root: str, out_dir: str, per_shard: int = 1000,
                 workers: int = 2, progress: bool = True) -> dict:
-  entries = []
-  for a in annotations:
-    with open(a) as f:
-      entries += json.load(f)
+  from blip_jax.data.annotations import read_entries
+  entries = read_entries(annotations)
   os.makedirs(out_dir, exist_ok=True)
   jobs = [(out_dir, i, list(enumerate(entries))[s:s + per_shard], image_root)
           for i, s in enumerate(range(0, len(entries), per_shard))]

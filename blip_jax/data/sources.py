@@ -14,7 +14,6 @@ deterministic for a seed; the pipeline resumes them with skip() before any decod
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections import Counter
 from typing import Optional, Sequence
@@ -57,13 +56,9 @@ class JsonSource(Source):
   """
 
   def __init__(self, annotations: str | Sequence[str], image_root: str = "", task: Optional[str] = None):
+    from blip_jax.data.annotations import read_entries
     files = [annotations] if isinstance(annotations, str) else list(annotations)
-    entries = []
-    for f in files:
-      with open(f) as fh:
-        entries += json.load(fh)
-    if not entries:
-      raise ValueError(f"no entries in {files}")
+    entries = read_entries(files)
     self.name = ",".join(os.path.basename(f) for f in files)
     e0 = entries[0]
     self.task = task or ("vqa" if "question" in e0 else "nlvr" if "images" in e0 else "caption")

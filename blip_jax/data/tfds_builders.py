@@ -9,9 +9,7 @@ example per image with all its captions. Splits whose JSON is absent are left ou
 """
 from __future__ import annotations
 
-import json
 import os
-from collections import OrderedDict
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -40,12 +38,8 @@ class _KarpathyBuilder(tfds.core.GeneratorBasedBuilder):
             for s in ("train", "val", "test") if (d / f"{self.PREFIX}_{s}.json").exists()}
 
   def _generate_examples(self, root, ann_path):
-    with open(ann_path) as f:
-      entries = json.load(f)
-    per_image = OrderedDict()
-    for e in entries:
-      caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-      per_image.setdefault(e["image"], []).extend(caps)
+    from blip_jax.data.annotations import caption_groups, read_entries
+    per_image = {g["image"]: g["texts"] for g in caption_groups(read_entries(str(ann_path)), "image", str(ann_path))}
     for i, (image, caps) in enumerate(per_image.items()):
       path = os.path.join(root, image)
       if not os.path.exists(path):

@@ -26,14 +26,11 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import sys
 import time
-from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from blip_jax.models.blip import Blip
@@ -58,42 +55,15 @@ def read_gallery(annotations: str, root: str = "", *, video: bool = False) -> Ga
   """Karpathy-style eval JSON ([{"image", "caption": [..] | str}]: entries of one image are merged),
   or with video=True the MSRVTT JSON lines ({"clip_name", "caption"}; videos at ROOT/clip_name.mp4).
   A file of the wrong shape fails here, naming the entry and what is missing."""
-  if not os.path.isfile(annotations):
-    raise FileNotFoundError(f"{annotations}: no such annotation file")
-  with open(annotations) as f:
-    text = f.read()
-  if video:
-    try:
-      entries = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{annotations}: not JSON lines ({e})") from None
-    key, path = "clip_name", lambda e: os.path.join(root, str(e["clip_name"]) + ".mp4")
-  else:
-    try:
-      entries = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{annotations}: not JSON ({e})") from None
-    key, path = "image", lambda e: os.path.join(root, e["image"])
-  if not isinstance(entries, list) or not entries:
-    raise ValueError(f"{annotations}: expected a non-empty list of entries with {key!r} and 'caption'")
-  items, index, texts, txt2img, img2txt = [], {}, [], [], []
-  for n, e in enumerate(entries):
-    if not isinstance(e, dict) or key not in e or "caption" not in e:
-      raise ValueError(f"{annotations}: entry {n} has no {key!r} and 'caption' "
-                       f"(got {sorted(e) if isinstance(e, dict) else type(e).__name__}); a retrieval "
-                       f"gallery is [{{{key!r}: ..., 'caption': [...]}}, ...]")
-    caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-    if not all(isinstance(c, str) for c in caps):
-      raise ValueError(f"{annotations}: entry {n}: captions must be strings")
-    p = path(e)
-    i = index.setdefault(p, len(items))
-    if i == len(items):
-      items.append(p)
-      img2txt.append([])
-    for c in caps:
-      img2txt[i].append(len(texts))
-      texts.append(c)
-      txt2img.append(i)
+  from blip_jax.data.annotations import caption_groups, read_entries
+  key = "clip_name" if video else "image"
+  groups = caption_groups(read_entries(annotations), key, annotations)
+  items, texts, txt2img, img2txt = [], [], [], []
+  for i, g in enumerate(groups):
+    items.append(os.path.join(root, str(g[key]) + ".mp4") if video else os.path.join(root, g[key]))
+    img2txt.append(list(range(len(texts), len(texts) + len(g["texts"]))))
+    texts += g["texts"]
+    txt2img += [i] * len(g["texts"])
   return Gallery(items, texts, np.asarray(txt2img, np.int64), img2txt, video)
 
 
@@ -135,6 +105,13 @@ def itm_flops(cfg: BlipConfig, pairs: int, rows: int, text_length: int, memory: 
 def _bar(total, desc, progress):
   from tqdm import tqdm
   return tqdm(total=total, desc=desc, unit="it", file=sys.stderr, disable=not progress, leave=False)
+
+
+def length_bucket(length: int, max_length: int) -> int:
+  """Tokens computed for a batch whose longest text has `length` tokens: the texts are padded to
+  max_length (official 35) but trailing padding changes nothing (masked keys weigh exactly 0, and
+  only the first position is read), so a batch runs at 16, 24 or the full length (3 compilations)."""
+  return next(b for b in (16, 24, max_length) if b >= min(length, max_length))
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
@@ -228,7 +205,7 @@ def evaluate(model, gallery: Gallery, *, k: int = 256, batch_size: int = 32, tex
   """
   from blip_jax.caption import DataParallel
   check_request(model, gallery, k)
-  cfg, P, me = model.config, jax.process_count(), jax.process_index()
+  cfg = model.config
   dp = DataParallel(devices)
   params = dp.put_params(model.params)
   nf = frames if gallery.video else 1
@@ -291,15 +268,19 @@ def _text_features(cfg, params, dp, ids, mask, batch, progress):
   from blip_jax.caption import pad_rows
   P, me = jax.process_count(), jax.process_index()
   mine = np.arange(me, len(ids), P)
-  rows = dp.round_batch(batch)
-  feats = [np.zeros((0, cfg.embed_dim), np.float32)]
+  rows = dp.round_batch(min(batch, max(len(mine), 1)))
+  lengths = mask.sum(axis=1)
+  order = np.argsort(lengths[mine], kind="stable")  # similar lengths together: less padding computed
+  feats = np.zeros((len(mine), cfg.embed_dim), np.float32)
   with _bar(len(mine), "text features", progress) as bar:
     for s in range(0, len(mine), rows):
-      sel = mine[s:s + rows]
-      f = text_features(cfg, params, dp.put_batch(pad_rows(ids[sel], rows)), dp.put_batch(pad_rows(mask[sel], rows)))
-      feats.append(np.asarray(f)[:len(sel)])
+      at = order[s:s + rows]
+      sel = mine[at]
+      L = length_bucket(int(lengths[sel].max()), ids.shape[1])
+      f = text_features(cfg, params, dp.put_batch(pad_rows(ids[sel, :L], rows)), dp.put_batch(pad_rows(mask[sel, :L], rows)))
+      feats[at] = np.asarray(f)[:len(sel)]
       bar.update(len(sel))
-  return _allgather_strided(np.concatenate(feats), len(ids), P, me)
+  return _allgather_strided(feats, len(ids), P, me)
 
 
 def _encode_items(cfg, params, dp, gallery, frames, batch_size, workers, progress):
@@ -323,7 +304,7 @@ def _encode_items(cfg, params, dp, gallery, frames, batch_size, workers, progres
       return i, None, f"{gallery.items[i]}: cannot decode video ({type(e).__name__}: {e})"
 
   mine = np.arange(me, n, P)
-  b = dp.round_batch(batch_size)
+  b = dp.round_batch(min(batch_size, max(len(mine), 1)))
   tokens, errors = {}, {}
   feat, ok = np.zeros((len(mine), cfg.embed_dim), np.float32), np.zeros(len(mine), bool)
   with _bar(len(mine), "videos" if gallery.video else "images", progress) as bar:
@@ -373,17 +354,22 @@ def _score_rows(cfg, params, dp, tokens, row_items, row_texts, ids, mask, per_ca
   S = row_texts.shape[1]
   owner = row_items % P
   mine = np.flatnonzero(owner == me)
+  per_call = dp.round_batch(min(per_call, max(len(mine), 1)))
+  filled = np.where(row_texts < 0, row_texts[:, :1], row_texts)  # padding repeats the row's first text
+  row_length = mask.sum(axis=1)[filled].max(axis=1)
+  order = np.argsort(row_length[mine], kind="stable")  # rows of similar text length in one call
   local = np.zeros((len(mine), S), np.float32)
   with _bar(len(mine), "re-rank (ITM)", progress) as bar:
     for s in range(0, len(mine), per_call):
-      sel = mine[s:s + per_call]
-      txt = row_texts[sel]
-      txt = np.where(txt < 0, txt[:, :1], txt).ravel()  # padding repeats the row's first text
+      at = order[s:s + per_call]
+      sel = mine[at]
+      txt = filled[sel].ravel()
+      L = length_bucket(int(row_length[sel].max()), ids.shape[1])
       mem = np.stack([tokens[i] for i in row_items[sel]])
       mem = pad_rows(mem, per_call) if reuse_kv else pad_rows(np.repeat(mem, S, axis=0), per_call * S)
-      out = itm_positive(cfg, params, dp.put_batch(mem), dp.put_batch(pad_rows(ids[txt], per_call * S)),
-                         dp.put_batch(pad_rows(mask[txt], per_call * S)))
-      local[s:s + len(sel)] = np.asarray(out)[:len(sel) * S].reshape(len(sel), S)
+      out = itm_positive(cfg, params, dp.put_batch(mem), dp.put_batch(pad_rows(ids[txt, :L], per_call * S)),
+                         dp.put_batch(pad_rows(mask[txt, :L], per_call * S)))
+      local[at] = np.asarray(out)[:len(sel) * S].reshape(len(sel), S)
       bar.update(len(sel))
   itm = np.zeros(row_texts.shape, np.float32)
   if P == 1:

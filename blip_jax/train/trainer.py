@@ -412,10 +412,7 @@ def _retarget(params, extras, src: str, dst: str, path: str):
     raise ConfigError(f"init.blip {path} is a {src!r} model; a {dst!r} run starts from a {dst} or pretraining "
                       "checkpoint")
   from blip_jax.train.step import momentum_view
-  keep = {"temp", "itm_head"} | set(momentum_view(params))
-  out = {k: v for k, v in params.items() if k in keep}
-  out.update(momentum_view(params))
-  return out, extras
+  return {**momentum_view(params), "temp": params["temp"], "itm_head": params["itm_head"]}, extras
 
 
 def _flat(d, prefix=""):

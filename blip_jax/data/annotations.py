@@ -1,0 +1,51 @@
+"""BLIP annotation files (blip_facts §8.1), read in one place for training (JsonSource, TFDS
+builders), evaluation (retrieval galleries), CapFilt and make-shards. Plain Python."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+
+def read_entries(files: str | Sequence[str]) -> list:
+  """The entries of one or more annotation files: JSON lists, or JSON lines (.jsonl, e.g. MSRVTT)."""
+  files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+  entries = []
+  for path in files:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such annotation file")
+    with open(path) as f:
+      text = f.read()
+    try:
+      if str(path).endswith(".jsonl"):
+        part = [json.loads(line) for line in text.splitlines() if line.strip()]
+      else:
+        part = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON{' lines' if str(path).endswith('.jsonl') else ''} ({e})") from None
+    if not isinstance(part, list):
+      raise ValueError(f"{path}: expected a list of entries, got a {type(part).__name__}")
+    entries += part
+  if not entries:
+    raise ValueError(f"{files}: no entries")
+  return entries
+
+
+def caption_groups(entries: list, key: str = "image", source: str = "annotations") -> list:
+  """Caption entries grouped by image (or video: key='clip_name'), in order of first appearance:
+  [{key: ..., "texts": [...], ["image_id"]}]. Entries may hold one caption (pretraining, Karpathy
+  train) or a list (Karpathy val/test). An entry of another shape fails, naming it."""
+  groups: dict = {}
+  for n, e in enumerate(entries):
+    if not isinstance(e, dict) or key not in e or "caption" not in e:
+      raise ValueError(f"{source}: entry {n} has no {key!r} and 'caption' "
+                       f"(got {sorted(e) if isinstance(e, dict) else type(e).__name__}); caption annotations are "
+                       f"[{{{key!r}: ..., 'caption': str | [str, ...]}}, ...]")
+    caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+    if not all(isinstance(c, str) for c in caps):
+      raise ValueError(f"{source}: entry {n}: captions must be strings")
+    g = groups.setdefault(e[key], {key: e[key], "texts": []})
+    g["texts"] += caps
+    if "image_id" in e:
+      g["image_id"] = e["image_id"]
+  return list(groups.values())
