@@ -137,14 +137,19 @@ def _allgather_strided(local: np.ndarray, n: int, count: int, index: int) -> np.
   return out
 
 
-def candidate_rows(topk_i2t: np.ndarray, topk_t2i: np.ndarray, n_texts: int, per_row: int):
+def candidate_rows(topk_i2t: np.ndarray, topk_t2i: np.ndarray, n_texts: int, per_row: int,
+                   text_length: np.ndarray | None = None):
   """The union of both directions' candidate pairs, grouped by image into rows of at most
-  `per_row` texts. Returns (pairs: sorted keys image * n_texts + text, row images [R], row texts
-  [R, per_row] padded with -1); the rows' valid entries, read row by row, are `pairs` in order."""
+  `per_row` texts; an image's texts are ordered by `text_length` (when given), so each row holds
+  texts of similar length. Returns (pairs: sorted keys image * n_texts + text, row images [R],
+  row texts [R, per_row] padded with -1)."""
   i2t = np.repeat(np.arange(len(topk_i2t)), topk_i2t.shape[1]) * n_texts + topk_i2t.ravel()
   t2i = topk_t2i.ravel() * n_texts + np.repeat(np.arange(len(topk_t2i)), topk_t2i.shape[1])
   pairs = np.unique(np.concatenate([i2t, t2i]))  # sorted: by image, then text
   images, texts = pairs // n_texts, pairs % n_texts
+  if text_length is not None:
+    order = np.lexsort((texts, text_length[texts], images))  # by image, then length
+    images, texts = images[order], texts[order]
   starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
   row_images, row_texts = [], []
   for s, e in zip(starts, np.r_[starts[1:], len(pairs)]):
@@ -190,7 +195,7 @@ class RetrievalResult:
   sims: np.ndarray  # ITC cosine [items, texts]
   gallery: Gallery  # what was evaluated (undecodable items and blank captions removed)
   skipped: dict  # {"items": [(path, error)], "blank_texts": n, "texts_of_skipped_items": n}
-  stats: dict  # pairs scored, rows, FLOPs, seconds per phase
+  stats: dict  # pairs scored, rows, ITM FLOPs computed (padding included) and the official loop's, seconds per phase
 
 
 def evaluate(model, gallery: Gallery, *, k: int = 256, batch_size: int = 32, texts_per_row: int = 0,
@@ -231,13 +236,16 @@ def evaluate(model, gallery: Gallery, *, k: int = 256, batch_size: int = 32, tex
   sims = image_feat[keep_img] @ text_feat[keep_txt].T
   topk_i2t, topk_t2i = _topk(sims, kk), _topk(sims.T, kk)
   S = texts_per_row or min(kk, 64)
-  pairs, row_img, row_txt = candidate_rows(topk_i2t, topk_t2i, n_txt, S)
-  itm = _score_rows(cfg, params, dp, tokens, keep_img[row_img], np.where(row_txt < 0, -1, keep_txt[row_txt]),
+  pairs, row_img, row_txt = candidate_rows(topk_i2t, topk_t2i, n_txt, S, mask[keep_txt].sum(axis=1))
+  itm, flops = _score_rows(cfg, params, dp, tokens, keep_img[row_img], np.where(row_txt < 0, -1, keep_txt[row_txt]),
                     ids, mask, dp.round_batch(rows_per_call or batch_size), reuse_kv, progress)
   stats["rerank_s"] = time.time() - t0
 
   # score matrices as official: ITM positive logit + cosine on each query's candidates, -100 elsewhere
-  pair_score = itm[row_txt >= 0] + sims[pairs // n_txt, pairs % n_txt]  # aligned with `pairs`
+  valid = row_txt >= 0
+  pair_img, pair_txt = np.broadcast_to(row_img[:, None], row_txt.shape)[valid], row_txt[valid]
+  pair_score = np.empty(len(pairs), np.float32)  # aligned with `pairs`
+  pair_score[np.searchsorted(pairs, pair_img * n_txt + pair_txt)] = itm[valid] + sims[pair_img, pair_txt]
   score_i2t = np.full(sims.shape, -100.0, np.float32)
   score_t2i = np.full(sims.T.shape, -100.0, np.float32)
   ri = np.repeat(np.arange(len(keep_img)), kk)
@@ -248,9 +256,7 @@ def evaluate(model, gallery: Gallery, *, k: int = 256, batch_size: int = 32, tex
 
   memory = (cfg.vision.num_patches + 1) * nf
   official = kk * (len(keep_img) + n_txt)
-  scored = len(pairs) if reuse_kv else row_txt.size
-  stats.update(k=kk, pairs=len(pairs), rows=len(row_img), official_pairs=official,
-               itm_flops=itm_flops(cfg, scored, len(row_img) if reuse_kv else scored, text_length, memory),
+  stats.update(k=kk, pairs=len(pairs), rows=len(row_img), official_pairs=official, itm_flops=flops,
                official_itm_flops=itm_flops(cfg, official, official, text_length, memory))
   return RetrievalResult(metrics, score_i2t, score_t2i, sims, evaluated, skipped, stats)
 
@@ -354,11 +360,13 @@ def _score_rows(cfg, params, dp, tokens, row_items, row_texts, ids, mask, per_ca
   S = row_texts.shape[1]
   owner = row_items % P
   mine = np.flatnonzero(owner == me)
-  per_call = dp.round_batch(min(per_call, max(len(mine), 1)))
+  calls = -(-len(mine) // per_call)  # as few calls as per_call allows, evenly filled
+  per_call = dp.round_batch(-(-len(mine) // max(calls, 1)) or 1)
   filled = np.where(row_texts < 0, row_texts[:, :1], row_texts)  # padding repeats the row's first text
   row_length = mask.sum(axis=1)[filled].max(axis=1)
   order = np.argsort(row_length[mine], kind="stable")  # rows of similar text length in one call
   local = np.zeros((len(mine), S), np.float32)
+  flops = 0.0  # what this process computes, padding included
   with _bar(len(mine), "re-rank (ITM)", progress) as bar:
     for s in range(0, len(mine), per_call):
       at = order[s:s + per_call]
@@ -370,11 +378,12 @@ def _score_rows(cfg, params, dp, tokens, row_items, row_texts, ids, mask, per_ca
       out = itm_positive(cfg, params, dp.put_batch(mem), dp.put_batch(pad_rows(ids[txt, :L], per_call * S)),
                          dp.put_batch(pad_rows(mask[txt, :L], per_call * S)))
       local[at] = np.asarray(out)[:len(sel) * S].reshape(len(sel), S)
+      flops += itm_flops(cfg, per_call * S, per_call if reuse_kv else per_call * S, L, mem.shape[1])
       bar.update(len(sel))
   itm = np.zeros(row_texts.shape, np.float32)
   if P == 1:
     itm[mine] = local
-    return itm
+    return itm, flops
   from jax.experimental import multihost_utils
   pad = np.zeros((max(int(np.sum(owner == p)) for p in range(P)), S), np.float32)
   pad[:len(mine)] = local
@@ -382,7 +391,7 @@ def _score_rows(cfg, params, dp, tokens, row_items, row_texts, ids, mask, per_ca
   for p in range(P):
     r = np.flatnonzero(owner == p)
     itm[r] = every[p, :len(r)]
-  return itm
+  return itm, float(np.asarray(multihost_utils.process_allgather(np.float64(flops))).sum())
 
 
 def check_request(model, gallery: Gallery, k: int):
