@@ -88,10 +88,18 @@ for size in A.sizes.split(","):
   # where R@K differ, say why: other candidates (a near-tie of ITC sims at the k-th place) or a
   # near-tie of two final scores
   cand = int(((ref_i2t == -100) != (ours.score_i2t == -100)).any(1).sum() + ((ref_t2i == -100) != (ours.score_t2i == -100)).any(1).sum())
+  from blip_jax.metrics.retrieval import ranks_i2t, ranks_t2i
+  gaps = []  # for each query ranked differently: the reference's gap between its ground truth and the nearest other score
+  for ref, got, rank, gt in ((ref_i2t, ours.score_i2t, ranks_i2t, g.img2txt), (ref_t2i, ours.score_t2i, ranks_t2i, g.txt2img)):
+    for q in np.flatnonzero(rank(ref, gt) != rank(got, gt)):
+      truth = np.atleast_1d(gt[q])
+      others = np.delete(ref[q], truth)
+      gaps.append(float(np.min(np.abs(others[:, None] - ref[q][truth][None]))))
   print(f"{size:5s} {n:6d} {len(g.texts):5d} {k:3d} {t_ref:15.1f}s {t_ours:7.1f}s x{t_ref / t_ours:5.2f} "
         f"{ours.stats['official_itm_flops'] / 1e12:18.2f} {ours.stats['itm_flops'] / 1e12:6.2f} {str(same):>9s} {diff:9.1e}"
         f"   (ours: first run incl. compile {warm:.1f}s; features {ours.stats['text_s'] + ours.stats['image_s']:.1f}s, "
         f"re-rank {ours.stats['rerank_s']:.1f}s; {ours.stats['pairs']} pairs vs official {ours.stats['official_pairs']}; "
-        f"queries whose candidate set differs: {cand})",
+        f"queries whose candidate set differs: {cand}; ranked differently: {len(gaps)}"
+        f"{f', each a near-tie in the reference (ground-truth score within {max(gaps):.1e} of another)' if gaps else ''})",
         flush=True)
   shutil.rmtree(d)

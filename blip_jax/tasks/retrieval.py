@@ -307,7 +307,8 @@ def _encode_items(cfg, params, dp, gallery, frames, batch_size, workers, progres
     except ImageDecodeError as e:
       return i, None, str(e)
     except Exception as e:  # noqa: BLE001  (PyAV/FFmpeg raise many kinds; a bad file is skipped, not fatal)
-      return i, None, f"{gallery.items[i]}: cannot decode video ({type(e).__name__}: {e})"
+      what = "video" if gallery.video else "image"
+      return i, None, f"{gallery.items[i]}: cannot decode {what} ({type(e).__name__}: {e})"
 
   mine = np.arange(me, n, P)
   b = dp.round_batch(min(batch_size, max(len(mine), 1)))
