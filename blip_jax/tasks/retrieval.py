@@ -223,7 +223,7 @@ def evaluate(model, gallery: Gallery, *, k: int = 256, batch_size: int = 32, tex
   t0 = time.time()
   tokens, image_feat, ok, errors = _encode_items(cfg, params, dp, gallery, nf, batch_size, workers, progress)
   stats["image_s"] = time.time() - t0
-  for i, e in sorted(errors.items()):
+  for _, e in sorted(errors.items()):
     print(f"warning: skipped {e}", file=sys.stderr)
   evaluated, keep_img, keep_txt, skipped = _drop_unreadable(gallery, ok, blank, errors)
   kk = min(k, len(keep_img), len(keep_txt))
@@ -238,7 +238,7 @@ def evaluate(model, gallery: Gallery, *, k: int = 256, batch_size: int = 32, tex
   S = texts_per_row or min(kk, 64)
   pairs, row_img, row_txt = candidate_rows(topk_i2t, topk_t2i, n_txt, S, mask[keep_txt].sum(axis=1))
   itm, flops = _score_rows(cfg, params, dp, tokens, keep_img[row_img], np.where(row_txt < 0, -1, keep_txt[row_txt]),
-                    ids, mask, dp.round_batch(rows_per_call or batch_size), reuse_kv, progress)
+                           ids, mask, dp.round_batch(rows_per_call or batch_size), reuse_kv, progress)
   stats["rerank_s"] = time.time() - t0
 
   # score matrices as official: ITM positive logit + cosine on each query's candidates, -100 elsewhere
