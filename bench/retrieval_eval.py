@@ -65,9 +65,7 @@ print(f"{'size':5s} {'images':>6s} {'texts':>5s} {'k':>3s} {'official (torch)':>
       f"{'ITM TFLOP official':>18s} {'ours':>6s} {'R@K equal':>9s} {'max|diff|':>9s}")
 for size in A.sizes.split(","):
   s, n, k = SIZES[size], n_images[size], ks[size]
-  t = [t for i in range(n) for t in full.img2txt[i]]
-  remap = {old: new for new, old in enumerate(t)}
-  g = R.Gallery(full.items[:n], [full.texts[x] for x in t], full.txt2img[t], [[remap[x] for x in full.img2txt[i]] for i in range(n)])
+  g = full.first(n)
   hf = hf_model(s)
   d = tempfile.mkdtemp()
   hf.save_pretrained(d)

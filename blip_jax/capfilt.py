@@ -68,8 +68,7 @@ class JsonInput:
 
   def __init__(self, annotations: Sequence[str], image_root: str, per_shard: int):
     from blip_jax.data.annotations import caption_groups, read_entries
-    groups = caption_groups(read_entries(annotations), "image", ", ".join(annotations))
-    self.images = groups
+    self.images = caption_groups(read_entries(annotations), "image", ", ".join(annotations))
     self.root, self.per_shard = image_root, per_shard
     self.num_shards = -(-len(self.images) // per_shard)
 

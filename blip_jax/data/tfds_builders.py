@@ -39,8 +39,8 @@ class _KarpathyBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, root, ann_path):
     from blip_jax.data.annotations import caption_groups, read_entries
-    per_image = {g["image"]: g["texts"] for g in caption_groups(read_entries(str(ann_path)), "image", str(ann_path))}
-    for i, (image, caps) in enumerate(per_image.items()):
+    for i, g in enumerate(caption_groups(read_entries(str(ann_path)), "image", str(ann_path))):
+      image, caps = g["image"], g["texts"]
       path = os.path.join(root, image)
       if not os.path.exists(path):
         continue  # missing images are left out of the built dataset (and logged by TFDS counts)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import os
 import sys
 import time
@@ -37,8 +36,6 @@ from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
 from blip_jax.metrics.retrieval import recall_at_k
 
-log = logging.getLogger(__name__)
-
 
 # ---- what is evaluated ----------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -49,6 +46,13 @@ class Gallery:
   txt2img: np.ndarray
   img2txt: list
   video: bool = False
+
+  def first(self, n: int) -> "Gallery":
+    """The first n items with their captions (re-indexed)."""
+    t = [t for i in range(n) for t in self.img2txt[i]]
+    new = {old: j for j, old in enumerate(t)}
+    return Gallery(self.items[:n], [self.texts[x] for x in t], self.txt2img[t],
+                   [[new[x] for x in self.img2txt[i]] for i in range(n)], self.video)
 
 
 def read_gallery(annotations: str, root: str = "", *, video: bool = False) -> Gallery:
@@ -238,7 +242,7 @@ def evaluate(model, gallery: Gallery, *, k: int = 256, batch_size: int = 32, tex
   S = texts_per_row or min(kk, 64)
   pairs, row_img, row_txt = candidate_rows(topk_i2t, topk_t2i, n_txt, S, mask[keep_txt].sum(axis=1))
   itm, flops = _score_rows(cfg, params, dp, tokens, keep_img[row_img], np.where(row_txt < 0, -1, keep_txt[row_txt]),
-                           ids, mask, dp.round_batch(rows_per_call or batch_size), reuse_kv, progress)
+                           ids, mask, rows_per_call or batch_size, reuse_kv, progress)
   stats["rerank_s"] = time.time() - t0
 
   # score matrices as official: ITM positive logit + cosine on each query's candidates, -100 elsewhere
@@ -452,9 +456,7 @@ def format_metrics(m: dict) -> str:
 # ---- fine-tuning (the shared trainer calls these) -----------------------------------------------
 def check_training_config(c):
   """Eval galleries readable and k within them, before any compute."""
-  if not any(c.eval.annotations.values()):
-    return
-  for split, path in c.eval.annotations.items():
+  for path in c.eval.annotations.values():
     if path:
       check_gallery(read_gallery(path, c.eval.image_root), c.eval.k)
 
