@@ -13,6 +13,6 @@ try:
 except RuntimeError:  # TF already ran an op in this process (a user's own code): keep its setting
   pass
 
-from blip_jax.data.pipeline import InputPipeline, make_pipeline  # noqa: E402,F401
+from blip_jax.data.pipeline import DataError, InputPipeline, make_pipeline  # noqa: E402,F401
 from blip_jax.data.sources import (JsonSource, SyntheticSource, TFDSSource, TFRecordSource,  # noqa: E402,F401
                                    make_source)

@@ -64,6 +64,10 @@ def _seed(seed, epoch, position):
   return tf.stack([tf.cast(seed, tf.int64) * 1_000_003 + tf.cast(epoch, tf.int64), tf.cast(position, tf.int64)])
 
 
+class DataError(ValueError):
+  """The data cannot make a batch (every example bad, fewer than one batch): the run stops, naming it."""
+
+
 class InputPipeline:
   """Iterates numpy batches: image uint8 [B,S,S,3], text_ids/text_mask int32 [B,L], image_id int64 [B]
   (+ question/answers for VQA, image2/label for NLVR2; eval batches add `valid`)."""
@@ -182,13 +186,19 @@ class InputPipeline:
         continue
       pos = b["position"]
       n = len(pos)
+      last = self._host_position(int(pos[-1]))
       if n < c.batch_size and c.train:  # the epoch's remainder: not a full batch, so dropped
-        self._last_pos = int(pos[-1])
+        self._last_pos = last
         continue
-      self.skipped += int(pos[-1]) + 1 - self.position - n
-      self.position = int(pos[-1]) + 1
+      self.skipped += last + 1 - self.position - n
+      self.position = last + 1
       self._yielded += n
       return self._finish(b)
+
+  def _host_position(self, p: int) -> int:
+    """This host's own count of a random-access example's global position p = host + k * hosts (k:
+    what `position` and `_raw(start=)` count); streams count per host already."""
+    return (p - self.host) // self.hosts if self.source.random_access else p
 
   def _end_epoch(self):
     if self.host_size is not None:
@@ -198,9 +208,12 @@ class InputPipeline:
       trailing = self.host_size - 1 - last
       self.skipped += max(trailing, 0)
     if self._yielded == 0 and self._start == 0:
-      raise ValueError(f"source {self.source.name}: every example of epoch {self.epoch} was bad "
-                       f"(undecodable image, missing file, or empty / non-UTF-8 text); "
-                       f"{self.skipped} skipped so far")
+      if getattr(self, "_last_pos", -1) >= 0 and self.cfg.train:
+        raise DataError(f"source {self.source.name}: fewer good examples in epoch {self.epoch} than one batch "
+                        f"of {self.cfg.batch_size} per host ({self.skipped} bad ones skipped)")
+      raise DataError(f"source {self.source.name}: every example of epoch {self.epoch} was bad "
+                      f"(undecodable image, missing file, or empty / non-UTF-8 text); "
+                      f"{self.skipped} skipped so far")
     self._last_pos = -1
     self.epoch += 1 if self.cfg.train else 0
     self.position = 0 if self.cfg.train else self.position
