@@ -49,6 +49,7 @@ def ours(s):
   from configs.pretrain import get_config
   from blip_jax.data.device import global_batch
   from blip_jax.train.trainer import build, model_config
+  from blip_jax.train.step import split_ids
   c = get_config("vit_b")
   c.unlock()
   c.model.vit, c.model.image_size, c.model.dtype = "", s["image"], A.dtype
@@ -61,7 +62,7 @@ def ours(s):
   mcfg = model_config(c)
   step_fn, init_fn, _, bsh, _ = build(c, mcfg, mesh, 100, 1000)
   img, ids, mask = batch_np(s)
-  b = global_batch({"image": img, "text_ids": ids, "text_mask": mask, "image_id": np.arange(len(img))}, bsh)
+  b = global_batch({"image": img, "text_ids": ids, "text_mask": mask, "image_id": split_ids(np.arange(len(img)))}, bsh)
   with jax.set_mesh(mesh):
     state = init_fn(jax.random.PRNGKey(0))
     t = time.perf_counter()

@@ -9,6 +9,13 @@ import jax
 import jax.numpy as jnp
 
 
+def same_id(a, b):
+  """[N, M] equality of image ids a [N] and b [M], or a [N, 2] and b [M, 2] (64-bit ids as two int32
+  halves, split_ids: a jitted step has no int64 unless x64 is on)."""
+  eq = a[:, None] == b[None, :]
+  return eq.all(axis=-1) if a.ndim == 2 else eq
+
+
 def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
              idx=None, idx_queue=None):
   """Image-text contrastive loss with momentum distillation (ALBEF/BLIP).
@@ -23,7 +30,7 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
   if idx is None:
     hard = jnp.eye(image_feat.shape[0], image_keys.shape[0], dtype=jnp.float32)
   else:
-    pos = (idx[:, None] == jnp.concatenate([idx, idx_queue])[None, :]).astype(jnp.float32)
+    pos = same_id(idx, jnp.concatenate([idx, idx_queue])).astype(jnp.float32)
     hard = pos / pos.sum(axis=1, keepdims=True)
   sim_i2t_m = image_feat_m @ text_keys.T / temp
   sim_t2i_m = text_feat_m @ image_keys.T / temp
@@ -40,21 +47,20 @@ def negative_weights(sim, groups: int, floor: float = 1e-4, idx=None):
   """Sampling weights of hard negatives from in-batch similarities sim [G, G] (query x candidate).
 
   groups > 1 ('local' scope, official pretraining): each device's slice of the batch samples only
-  within itself: weights softmax(sim) + floor, own pair zeroed. groups == 1 with idx ('global'
-  scope, official COCO retrieval): across the whole batch, every pair of the same image zeroed, no
-  floor. Returns [G, G] weights (zero outside a row's group).
+  within itself; groups == 1 ('global' scope, official COCO retrieval: negative_all_rank) over the
+  whole batch. Weights softmax(sim) within the group + floor (official pretraining 1e-4; retrieval
+  0), zero for the pair itself and, when image ids idx are given, for every pair of the same image
+  (another caption of the same image is no negative). Returns [G, G] weights (zero outside a row's
+  group).
   """
   g = sim.shape[0]
   per = g // groups
   group = jnp.arange(g) // per
   same_group = group[:, None] == group[None, :]
   logits = jnp.where(same_group, sim, -jnp.inf)
-  w = jax.nn.softmax(logits, axis=1)
-  if idx is None:
-    w = jnp.where(same_group, w + floor, 0.0)
-    w = w * (1.0 - jnp.eye(g))
-  else:
-    w = jnp.where(idx[:, None] == idx[None, :], 0.0, w)
+  w = jnp.where(same_group, jax.nn.softmax(logits, axis=1) + floor, 0.0)
+  same = jnp.eye(g, dtype=bool) if idx is None else same_id(idx, idx) | jnp.eye(g, dtype=bool)
+  w = jnp.where(same, 0.0, w)
   return jax.lax.stop_gradient(w)
 
 

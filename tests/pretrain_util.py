@@ -30,6 +30,7 @@ def tiny_config(**over):
 
 
 def fixed_batch(seed=0, n=8, length=10):
+  from blip_jax.train.step import split_ids
   r = np.random.RandomState(seed)
   ids = r.randint(8, 120, (n, length)).astype(np.int32)
   ids[:, 0] = 2  # any first token: the roles rewrite it
@@ -37,7 +38,7 @@ def fixed_batch(seed=0, n=8, length=10):
   mask[::2, 7:] = 0
   ids[mask == 0] = 0
   return {"image": r.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8), "text_ids": ids, "text_mask": mask,
-          "image_id": np.arange(n, dtype=np.int64)}
+          "image_id": split_ids(np.arange(n, dtype=np.int64))}
 
 
 def run_steps(c, mesh, n_steps=2, seed=0):

@@ -53,13 +53,10 @@ def np_weights(sim, groups, floor=1e-4, idx=None):
   w = np.zeros_like(sim)
   for k in range(groups):
     s = slice(k * per, (k + 1) * per)
-    block = np.exp(_log_softmax(sim[s, s]))
-    if idx is None:
-      block = block + floor
-      np.fill_diagonal(block, 0)
-    w[s, s] = block
+    w[s, s] = np.exp(_log_softmax(sim[s, s])) + floor
+  np.fill_diagonal(w, 0)
   if idx is not None:
-    w = np.exp(_log_softmax(sim)); w[idx[:, None] == idx[None]] = 0
+    w[idx[:, None] == idx[None]] = 0
   return w
 
 
@@ -73,8 +70,22 @@ def test_negative_weights_local(groups):
 def test_negative_weights_global_by_image_id():
   sim = np.random.RandomState(2).randn(6, 6) * 3
   idx = np.array([0, 0, 1, 2, 2, 3])
-  np.testing.assert_allclose(np.asarray(losses.negative_weights(jnp.asarray(sim, jnp.float32), 1, idx=jnp.asarray(idx))),
-                             np_weights(sim, 1, idx=idx), rtol=1e-5, atol=1e-7)
+  got = losses.negative_weights(jnp.asarray(sim, jnp.float32), 1, floor=0.0, idx=jnp.asarray(idx))
+  np.testing.assert_allclose(np.asarray(got), np_weights(sim, 1, floor=0.0, idx=idx), rtol=1e-5, atol=1e-7)
+
+
+def test_local_negatives_mask_same_image_and_64bit_ids_stay_exact():
+  """'local' scope with ids: a caption of the same image is never a negative. Ids that differ only
+  above bit 31 (hashed TFRecord keys) are different images, as int64 ids are."""
+  from blip_jax.train.step import split_ids
+  sim = np.random.RandomState(3).randn(8, 8) * 3
+  ids = np.array([7, 7, 7 + 2 ** 32, 9, 2 ** 40, 2 ** 40, 5, 5 + 2 ** 33], np.int64)
+  got = np.asarray(losses.negative_weights(jnp.asarray(sim, jnp.float32), 2, idx=jnp.asarray(split_ids(ids))))
+  np.testing.assert_allclose(got, np_weights(sim, 2, idx=ids), rtol=1e-5, atol=1e-7)
+  assert got[0, 2] > 0 and got[0, 1] == 0 and got[4, 5] == 0
+  # ITC positives by id: 7 and 7 + 2**32 are not the same image
+  pos = np.asarray(losses.same_id(jnp.asarray(split_ids(ids)), jnp.asarray(split_ids(ids))))
+  np.testing.assert_array_equal(pos, ids[:, None] == ids[None])
 
 
 def test_sampling_follows_weights_and_never_picks_positives():
