@@ -155,14 +155,15 @@ class BlipModel:
     return [t[len(p):].strip() if p and t.startswith(p) else t for t in texts]
 
   # ---- saving ----
-  def save(self, path: str) -> str:
-    """Our format (Orbax + config JSON + tokenizer assets)."""
+  def save(self, path: str, overwrite: bool = False) -> str:
+    """Our format (Orbax + config JSON + tokenizer assets), written whole or not at all; an
+    existing non-empty folder is replaced only with overwrite=True."""
     return native.save_native(path, self.config, jax.tree.map(np.asarray, self.params),
-                              self.extras, self.tokenizer)
+                              self.extras, self.tokenizer, overwrite=overwrite)
 
-  def export_hf(self, path: str) -> str:
+  def export_hf(self, path: str, overwrite: bool = False) -> str:
     """A transformers save_pretrained-style dir (config.json + model.safetensors)."""
-    return convert.export_hf(jax.tree.map(np.asarray, self.params), self.config, path)
+    return convert.export_hf(jax.tree.map(np.asarray, self.params), self.config, path, overwrite=overwrite)
 
 
 _FN_CACHE: dict = {}

@@ -27,9 +27,9 @@ import sys
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from blip_jax import fs
 from blip_jax.caption import DataParallel, map_ahead, pad_rows
 from blip_jax.models.blip import Blip
 from blip_jax.preprocess import ImageDecodeError, preprocess, to_pil
@@ -82,12 +82,11 @@ class JsonInput:
     """-> [(item dict, encoded image bytes or an error message)]"""
     out = []
     for g in self.shard_items(shard):
-      path = g["image"] if os.path.isabs(g["image"]) else os.path.join(self.root, g["image"])
+      path = g["image"] if (os.path.isabs(g["image"]) or fs.is_url(g["image"])) else os.path.join(self.root, g["image"])
       try:
-        with open(path, "rb") as f:
-          out.append((g, f.read()))
-      except OSError as e:
-        out.append((g, f"{path}: {e.strerror}"))
+        out.append((g, fs.path(path).read_bytes()))
+      except Exception as e:  # noqa: BLE001 (OSError locally; the storage client's errors for URLs)
+        out.append((g, f"{path}: {getattr(e, 'strerror', None) or type(e).__name__}"))
     return out
 
   def describe(self, item) -> str:
@@ -100,8 +99,7 @@ class JsonInput:
       if "image_id" in item:
         row["image_id"] = item["image_id"]
       rows.append(row)
-    with open(path, "w") as f:
-      json.dump(rows, f)
+    fs.path(path).write_text(json.dumps(rows))
 
 
 class TFRecordInput:
@@ -117,11 +115,29 @@ class TFRecordInput:
     return None  # unknown before reading the file
 
   def read(self, shard: int):
+    """Records of one file. A record that does not parse (no `jpg`) and a file corrupt from some
+    record on are counted as undecodable, with a message, and the rest goes on (as for JSON)."""
     import tensorflow as tf
     from blip_jax.data.sources import TFRecordSource
-    out = []
-    for record in tf.data.TFRecordDataset(self.files[shard]):
-      f = tf.io.parse_single_example(record, TFRecordSource.FEATURES)
+    out, name = [], self.files[shard]
+    it = iter(tf.data.TFRecordDataset(name))
+    n = 0
+    while True:
+      try:
+        record = next(it)
+      except StopIteration:
+        break
+      except tf.errors.OpError as e:  # truncated or corrupt from here on: nothing after it is readable
+        out.append(({"key": f"{name}#{n}".encode(), "texts": []},
+                    f"{name}: unreadable after record {n} ({type(e).__name__}: {e.message.splitlines()[0][:200]})"))
+        break
+      n += 1
+      try:
+        f = tf.io.parse_single_example(record, TFRecordSource.FEATURES)
+      except tf.errors.InvalidArgumentError as e:
+        out.append(({"key": f"{name}#{n - 1}".encode(), "texts": []},
+                    f"{name} record {n - 1}: not an image record ({e.message.splitlines()[0][:200]})"))
+        continue
       caps = [c.decode("utf-8", "replace") for c in tf.sparse.to_dense(f["captions"]).numpy()]
       texts = caps or [f["txt"].numpy().decode("utf-8", "replace")]
       jpg = f["jpg"].numpy()
@@ -257,11 +273,11 @@ def _shard_stats(scored, stats, threshold):
 def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progress: bool = True) -> dict:
   """Runs (or resumes) CapFilt over `source` (JsonInput | TFRecordInput) into out_dir."""
   from tqdm import tqdm
-  shard_dir = os.path.join(out_dir, "shards")
+  shard_dir = fs.join(out_dir, "shards")
   check_settings(out_dir, source, settings)
   cf = CapFilt(captioner, filt, settings)
   mine = range(jax.process_index(), source.num_shards, jax.process_count())
-  todo = [i for i in mine if not os.path.exists(_stats_path(shard_dir, i))]
+  todo = [i for i in mine if not fs.exists(_stats_path(shard_dir, i))]
   counts = [source.count(i) for i in todo]
   total = None if None in counts else sum(counts)
   with tqdm(total=total, unit="img", desc="capfilt", file=sys.stderr, disable=not progress) as bar:
@@ -269,14 +285,13 @@ def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progre
     for done, i in enumerate(todo):
       scored, stats = cf.run_shard(source, i, on_images=bar.update)
       kept = [x for x in scored if x[3] >= settings.threshold]
-      data = os.path.join(shard_dir, f"{i:05d}{source.ext}")
-      source.write(data + ".tmp", kept)
-      os.replace(data + ".tmp", data)
+      data = fs.join(shard_dir, f"{i:05d}{source.ext}")
+      tmp = fs.temp_sibling(data)
+      source.write(tmp, kept)
+      fs.publish(tmp, data)
       stats = _shard_stats(scored, stats, settings.threshold)
       stats["process"] = jax.process_index()
-      with open(_stats_path(shard_dir, i) + ".tmp", "w") as f:
-        json.dump(stats, f)
-      os.replace(_stats_path(shard_dir, i) + ".tmp", _stats_path(shard_dir, i))  # the shard is done
+      fs.write_json(_stats_path(shard_dir, i), stats, indent=None)  # the shard is done
       bar.set_postfix(shards_done=f"{len(mine) - len(todo) + done + 1}/{len(mine)}")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -287,37 +302,31 @@ def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progre
 
 
 def _stats_path(shard_dir, i):
-  return os.path.join(shard_dir, f"{i:05d}.stats.json")
+  return fs.join(shard_dir, f"{i:05d}.stats.json")
 
 
 def check_settings(out_dir: str, source, settings: CapFiltSettings):
   """Records the settings of a new run; refuses to resume a run made with other settings (its
   shards would mix two datasets). Cheap: call it before loading the models."""
-  os.makedirs(os.path.join(out_dir, "shards"), exist_ok=True)
+  fs.makedirs(fs.join(out_dir, "shards"))
   settings = {**dataclasses.asdict(settings), "format": source.ext, "input_shards": source.num_shards,
               "images_per_shard": getattr(source, "per_shard", None),  # JSON input
               "batch_rows": DataParallel().round_batch(settings.batch_size)}  # the rows decide the samples
-  path = os.path.join(out_dir, "capfilt_settings.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  path = fs.join(out_dir, "capfilt_settings.json")
+  if fs.exists(path):
+    old = fs.read_json(path)
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if diff:
       raise ValueError(f"{out_dir} holds a CapFilt run with other settings (was, now): {diff}; "
                        "use another output folder or the same settings to resume")
   elif jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump(settings, f, indent=1)
-    os.replace(path + ".tmp", path)
+    fs.write_json(path, settings)
 
 
 def finish(out_dir: str, source, settings: CapFiltSettings) -> dict:
   """Sums the shard stats into report.json + report.png; for JSON input merges bootstrapped.json."""
-  shard_dir = os.path.join(out_dir, "shards")
-  stats = []
-  for i in range(source.num_shards):
-    with open(_stats_path(shard_dir, i)) as f:
-      stats.append(json.load(f))
+  shard_dir = fs.join(out_dir, "shards")
+  stats = [fs.read_json(_stats_path(shard_dir, i)) for i in range(source.num_shards)]
   total = lambda k: sum(s[k] for s in stats)
   report = {"settings": dataclasses.asdict(settings), "shards": source.num_shards,
             "images": total("images"), "images_undecodable": total("images_undecodable"),
@@ -334,18 +343,13 @@ def finish(out_dir: str, source, settings: CapFiltSettings) -> dict:
   if source.ext == ".json":
     rows = []
     for i in range(source.num_shards):
-      with open(os.path.join(shard_dir, f"{i:05d}.json")) as f:
-        rows += json.load(f)
-    out = os.path.join(out_dir, "bootstrapped.json")
-    with open(out + ".tmp", "w") as f:
-      json.dump(rows, f)
-    os.replace(out + ".tmp", out)
-    report["output"] = {"kind": "json", "annotations": [out], "image_root": os.path.abspath(source.root) if source.root else ""}
+      rows += fs.read_json(fs.join(shard_dir, f"{i:05d}.json"))
+    out = fs.write_text(fs.join(out_dir, "bootstrapped.json"), json.dumps(rows))
+    report["output"] = {"kind": "json", "annotations": [out], "image_root": str(fs.path(source.root)) if source.root else ""}
   else:
-    report["output"] = {"kind": "tfrecord", "files": os.path.join(shard_dir, "*.tfrecord")}
-  with open(os.path.join(out_dir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  histogram_png(report, settings.threshold, os.path.join(out_dir, "report.png"))
+    report["output"] = {"kind": "tfrecord", "files": fs.join(shard_dir, "*.tfrecord")}
+  fs.write_json(fs.join(out_dir, "report.json"), report)
+  histogram_png(report, settings.threshold, fs.join(out_dir, "report.png"))
   return report
 
 
@@ -371,4 +375,9 @@ def histogram_png(report: dict, threshold: float, path: str, width: int = 720, h
     for v in (0.0, 0.5, 1.0):
       d.text((x0 + w * v - 8, y0 + h + 6), f"{v:.1f}", fill="black")
     d.text((x0, y0 + h + 24), f"ITM p(match); threshold {threshold:g} (blue)", fill="black")
-  img.save(path)
+  import io
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  tmp = fs.temp_sibling(path)
+  fs.path(tmp).write_bytes(buf.getvalue())
+  fs.publish(tmp, path)

@@ -44,12 +44,12 @@ def cmd_convert(a):
   elif a.spm:
     model.tokenizer = SentencePieceTokenizer(a.spm)
   if a.to == "hf":
-    out = model.export_hf(a.dst)
+    out = model.export_hf(a.dst, overwrite=a.overwrite)
     if model.tokenizer is not None and model.tokenizer.kind == "bert":
-      import shutil
-      shutil.copyfile(model.tokenizer.vocab_file, os.path.join(out, "vocab.txt"))
+      from blip_jax import fs
+      fs.path(fs.join(out, "vocab.txt")).write_bytes(fs.path(model.tokenizer.vocab_file).read_bytes())
   else:
-    out = model.save(a.dst)
+    out = model.save(a.dst, overwrite=a.overwrite)
   c = model.config
   print(f"wrote {out}: {c.kind} model, ViT {c.vision.width}x{c.vision.depth} @ {c.vision.image_size}px, "
         f"text {c.text.width}x{c.text.depth}, tokenizer: {model.tokenizer.kind if model.tokenizer else 'none'}")
@@ -110,7 +110,11 @@ def cmd_caption(a):
     sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
   if model.config.kind not in ("caption", "pretrain"):
     sys.exit(f"error: a {model.config.kind} model has no caption decoder; use a caption or pretraining checkpoint")
-  out = open(a.output, "w") if a.output else sys.stdout
+  if a.output:
+    from blip_jax import fs
+    fs.check_output(a.output, a.overwrite, "--output")
+    tmp_output = fs.temp_sibling(a.output)
+  out = fs.path(tmp_output).open("w") if a.output else sys.stdout
   done = failed = 0
   try:
     for status, path, value in caption_files(model, paths, batch_size=a.batch_size, prompt=a.prompt,
@@ -131,6 +135,8 @@ def cmd_caption(a):
   finally:
     if a.output:
       out.close()
+  if a.output:  # complete: the output appears under its name only now
+    fs.publish(tmp_output, a.output)
   print(f"captioned {done} images, skipped {failed} that could not be decoded", file=sys.stderr)
   if not done:
     sys.exit("error: no image could be decoded")
@@ -208,7 +214,9 @@ def cmd_make_shards(a):
 def build_parser():
   p = argparse.ArgumentParser(prog="blip-jax", description="BLIP in JAX/Flax")
   sub = p.add_subparsers(dest="cmd", required=True)
-  sub.add_parser("train", help="pretrain: --config=configs/pretrain.py:VARIANT --workdir=DIR [--config.k=v]")
+  sub.add_parser("train", help="train a task: --config=configs/<task>.py:VARIANT --workdir=DIR [--config.k=v]")
+  sub.add_parser("compile", help="memory/FLOPs of a config's train step on a TPU topology, compiled here: "
+                 "--config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR]")
 
   c = sub.add_parser("convert", help="official .pth | HF dir | ours -> ours (Orbax) or an HF dir")
   c.add_argument("src")
@@ -220,6 +228,7 @@ def build_parser():
   c.add_argument("--vision-eps", type=float, help="ViT LayerNorm eps (official 1e-6; HF config's)")
   c.add_argument("--vocab", help="bert-base-uncased vocab.txt to store as the tokenizer")
   c.add_argument("--spm", help="SentencePiece .model to store as the tokenizer")
+  c.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
   c.set_defaults(fn=cmd_convert)
 
   s = sub.add_parser("score", help="ITM probability and ITC cosine of image-text pairs")
@@ -239,7 +248,8 @@ def build_parser():
   cp.add_argument("--num-captions", type=int, default=1, help="captions per image (best beams or samples)")
   cp.add_argument("--format", choices=("text", "jsonl"), default="text",
                   help="text: PATH<TAB>CAPTION lines; jsonl: {image, caption(s)} lines")
-  cp.add_argument("--output", help="write here instead of stdout")
+  cp.add_argument("--output", help="write here instead of stdout (through a temporary name)")
+  cp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
   cp.add_argument("--quiet", action="store_true", help="no progress bar")
   add_generation_flags(cp)
   cp.set_defaults(fn=cmd_caption)
@@ -302,6 +312,12 @@ def build_parser():
   return p
 
 
+def _fail(e):
+  """One line naming the problem, exit status 2 (as argparse's usage errors), no traceback."""
+  print(f"error: {e}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def train_main(argv):
   """`blip-jax train --config=configs/pretrain.py:VARIANT --workdir=DIR [--config.key=value ...]`."""
   from absl import flags
@@ -312,18 +328,53 @@ def train_main(argv):
   try:
     fl(["blip-jax train"] + argv)
   except (flags.Error, KeyError, AttributeError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    _fail(e)
   if fl.config is None or not fl.workdir:
-    sys.exit("usage: blip-jax train --config=configs/pretrain.py:VARIANT --workdir=DIR [--config.key=value ...]")
+    _fail("usage: blip-jax train --config=configs/<task>.py:VARIANT --workdir=DIR [--config.key=value ...]")
   from blip_jax.train import launch
   launch.maybe_initialize_distributed()
   from blip_jax.train.trainer import ConfigError, train
   try:
     train(fl.config, fl.workdir)
+  except (ConfigError, FloatingPointError) as e:
+    _fail(e)
+
+
+def compile_main(argv):
+  """`blip-jax compile --config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR] [--config.k=v]`:
+  per-device memory and FLOPs of the sharded train step on a TPU topology, compiled here."""
+  from absl import flags
+  from ml_collections import config_flags
+  fl = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "config file:variant", flag_values=fl, lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-64, v5e-256", flag_values=fl)
+  flags.DEFINE_string("libtpu", "", "folder holding the libtpu package (pip install --target DIR libtpu)",
+                      flag_values=fl)
+  flags.DEFINE_string("json", "", "also write the figures to this JSON file", flag_values=fl)
+  try:
+    fl(["blip-jax compile"] + argv)
+  except (flags.Error, KeyError, AttributeError, ValueError) as e:
+    _fail(e)
+  if fl.config is None or not fl.topology:
+    _fail("usage: blip-jax compile --config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR]")
+  os.environ["JAX_PLATFORMS"] = "cpu"  # the TPU compiler only: no TPU backend on this machine
+  if fl.libtpu:
+    sys.path.insert(0, fl.libtpu)
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    _fail('libtpu is not importable: pip install --target DIR "libtpu==0.0.42.*" and pass --libtpu DIR')
+  from blip_jax.train import aot
+  from blip_jax.train.trainer import ConfigError
+  if fl.topology not in aot.TOPOLOGIES:
+    _fail(f"unknown topology {fl.topology!r}; known: {', '.join(aot.TOPOLOGIES)}")
+  try:
+    report = aot.compile_step(fl.config, fl.topology)
   except ConfigError as e:
-    sys.exit(f"error: {e}")
-  except FloatingPointError as e:
-    sys.exit(f"error: {e}")
+    _fail(e)
+  print(aot.format_report(report))
+  if fl.json:
+    from blip_jax import fs
+    fs.write_json(fl.json, report, indent=2)
 
 
 def main(argv=None):
@@ -331,11 +382,13 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else argv
   if argv and argv[0] == "train":
     return train_main(argv[1:])
+  if argv and argv[0] == "compile":
+    return compile_main(argv[1:])
   args = build_parser().parse_args(argv)
   try:
     args.fn(args)
-  except (ValueError, FileNotFoundError) as e:  # CheckpointError, ImageDecodeError, bad configs
-    sys.exit(f"error: {e}")
+  except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError, ImageDecodeError, bad configs
+    _fail(e)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ numpy arrays with [CLS] first and [SEP] last (the model rewrites [CLS] per role)
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -111,9 +109,11 @@ class BertTokenizer(_Base):
   kind = "bert"
 
   def __init__(self, vocab_file: str, do_lower_case: bool = True):
+    from blip_jax import fs
     self.vocab_file = vocab_file
-    with open(vocab_file, encoding="utf-8") as f:
-      tokens = [line.rstrip("\n") for line in f]
+    tokens = fs.path(vocab_file).read_text(encoding="utf-8").split("\n")
+    if tokens and tokens[-1] == "":
+      tokens.pop()
     self.vocab = {t: i for i, t in enumerate(tokens)}
     for extra in ("[DEC]", "[ENC]"):
       if extra not in self.vocab:
@@ -189,8 +189,9 @@ class BertTokenizer(_Base):
     return text
 
   def save(self, directory: str) -> dict:
-    os.makedirs(directory, exist_ok=True)
-    shutil.copyfile(self.vocab_file, os.path.join(directory, "vocab.txt"))
+    from blip_jax import fs
+    fs.makedirs(directory)
+    fs.path(fs.join(directory, "vocab.txt")).write_bytes(fs.path(self.vocab_file).read_bytes())
     return {"type": "bert", "vocab": "vocab.txt", "do_lower_case": self.do_lower_case}
 
 
@@ -203,8 +204,9 @@ class SentencePieceTokenizer(_Base):
 
   def __init__(self, model_file: str):
     import sentencepiece as spm
+    from blip_jax import fs
     self.model_file = model_file
-    self.sp = spm.SentencePieceProcessor(model_file=model_file)
+    self.sp = spm.SentencePieceProcessor(model_proto=fs.path(model_file).read_bytes())
     ids = {p: self.sp.piece_to_id(p) for p in SP_SPECIALS}
     if any(self.sp.id_to_piece(i) != p for p, i in ids.items()) or self.sp.pad_id() < 0:
       raise ValueError(f"{model_file}: a BLIP SentencePiece model needs a pad id and the control "
@@ -221,8 +223,9 @@ class SentencePieceTokenizer(_Base):
     return self.sp.decode(keep)
 
   def save(self, directory: str) -> dict:
-    os.makedirs(directory, exist_ok=True)
-    shutil.copyfile(self.model_file, os.path.join(directory, "spm.model"))
+    from blip_jax import fs
+    fs.makedirs(directory)
+    fs.path(fs.join(directory, "spm.model")).write_bytes(fs.path(self.model_file).read_bytes())
     return {"type": "sentencepiece", "model": "spm.model"}
 
 
@@ -249,21 +252,20 @@ def tokenizer_from_config(cfg: dict, root: str = "") -> _Base:
 
 
 def save_tokenizer(tok: _Base, directory: str):
-  cfg = tok.save(directory)
-  with open(os.path.join(directory, "tokenizer.json"), "w") as f:
-    json.dump(cfg, f)
+  from blip_jax import fs
+  fs.write_json(fs.join(directory, "tokenizer.json"), tok.save(directory), indent=None)
 
 
 def load_tokenizer_dir(directory: str) -> _Base | None:
   """tokenizer.json (ours) or a bare vocab.txt (HF dirs saved with a processor)."""
-  meta = os.path.join(directory, "tokenizer.json")
-  if os.path.exists(meta):
-    with open(meta) as f:
-      cfg = json.load(f)
+  from blip_jax import fs
+  meta = fs.join(directory, "tokenizer.json")
+  if fs.exists(meta):
+    cfg = fs.read_json(meta)
     if "type" in cfg:
       return tokenizer_from_config(cfg, directory)
-  if os.path.exists(os.path.join(directory, "vocab.txt")):
-    return BertTokenizer(os.path.join(directory, "vocab.txt"))
+  if fs.exists(fs.join(directory, "vocab.txt")):
+    return BertTokenizer(fs.join(directory, "vocab.txt"))
   return None
 
 

@@ -20,8 +20,10 @@ from pretrain_util import run_steps, tiny_config  # noqa: E402
 mesh = jax.make_mesh((jax.device_count(), 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
 metrics, params = run_steps(tiny_config(), mesh)
 with open(out, "w") as f:
-  json.dump({"losses": [m["loss"] for m in metrics], "devices": jax.device_count(), "processes": jax.process_count(),
-             "param_sums": [float(np.sum(x)) for x in jax.tree.leaves(params)]}, f)
+  json.dump({"losses": [m["loss"] for m in metrics], "devices": jax.device_count(), "processes": jax.process_count()}, f)
+# every parameter, every value (keyed by its tree path)
+np.savez(out[:-len(".json")] + ".npz", **{jax.tree_util.keystr(k): np.asarray(v)
+                                          for k, v in jax.tree_util.tree_leaves_with_path(params)})
 if nproc > 1:
   from jax.experimental import multihost_utils
   multihost_utils.sync_global_devices("done")

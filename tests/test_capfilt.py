@@ -192,3 +192,28 @@ def test_thresholds_on_tfrecord_shards(setup, models, threshold):
   else:
     assert report["pairs_written"] == 0 == len(records)
     assert report["web"]["dropped"] + report["synthetic"]["dropped"] == texts
+
+
+def test_tfrecord_input_counts_a_record_without_jpg_and_a_truncated_file_and_goes_on(tmp_path):
+  import tensorflow as tf
+  feat = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+  rec = lambda **f: tf.train.Example(features=tf.train.Features(feature={k: feat(v) for k, v in f.items()})).SerializeToString()
+  first = sorted(os.path.join(r, f) for r, _, names in os.walk(COCO) for f in names if f.endswith(".jpg"))[0]
+  jpg = open(first, "rb").read()
+  with tf.io.TFRecordWriter(str(tmp_path / "a.tfrecord")) as w:
+    w.write(rec(jpg=jpg, txt=b"a dog", key=b"k0"))
+    w.write(rec(url=b"http://x/y.jpg", txt=b"web data not downloaded", key=b"k1"))  # no jpg
+    w.write(rec(jpg=jpg, txt=b"a cat", key=b"k2"))
+  with tf.io.TFRecordWriter(str(tmp_path / "b.tfrecord")) as w:
+    for i in range(3):
+      w.write(rec(jpg=jpg, txt=b"a bird", key=f"b{i}".encode()))
+  size = os.path.getsize(tmp_path / "b.tfrecord")
+  with open(tmp_path / "b.tfrecord", "r+b") as f:
+    f.truncate(size - len(jpg) // 2)  # the third record cut in half (a partial copy)
+  src = capfilt.TFRecordInput([str(tmp_path / "*.tfrecord")])
+  a, b = src.read(0), src.read(1)
+  assert [isinstance(d, bytes) for _, d in a] == [True, False, True]
+  assert "record 1: not an image record" in a[1][1]
+  assert [it["key"] for it, d in a if isinstance(d, bytes)] == [b"k0", b"k2"]
+  assert [isinstance(d, bytes) for _, d in b] == [True, True, False]
+  assert "unreadable after record 2" in b[2][1]

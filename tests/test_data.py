@@ -97,6 +97,9 @@ def test_tfrecord_shards_from_make_shards(small_json, tok, tmp_path):
   assert stats == {"shards": 4, "written": 80, "missing_images": 0, "already_done": 0}
   again = make_shards([small_json], COCO, str(tmp_path / "shards"), per_shard=25, workers=2, progress=False)
   assert again["already_done"] == 4  # resumable per shard
+  with pytest.raises(ValueError, match="other settings.*per_shard.*25, 10"):  # would cut the entries differently
+    make_shards([small_json], COCO, str(tmp_path / "shards"), per_shard=10, workers=2, progress=False)
+  assert not [f for f in os.listdir(tmp_path / "shards") if ".tmp" in f]  # nothing half-written left
   src = D.TFRecordSource(str(tmp_path / "shards" / "*.tfrecord"), shuffle_buffer=16)
   cfg = dict(batch_size=8, image_size=32)
   for hosts in (1, 2):

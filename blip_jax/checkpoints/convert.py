@@ -1,9 +1,7 @@
 """State dicts (official BLIP / HF transformers / DeiT / BERT) <-> our params trees."""
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 from typing import Callable, Iterable, Optional
 
@@ -248,13 +246,17 @@ def to_state_dict(params: dict, table: Iterable[mapping.Entry], with_aliases: bo
   return sd
 
 
-def export_hf(params: dict, cfg: BlipConfig, out_dir: str) -> str:
+def export_hf(params: dict, cfg: BlipConfig, out_dir: str, overwrite: bool = False) -> str:
   """Writes config.json + model.safetensors that transformers' BLIP classes load with no missing
-  or unexpected keys (the tied LM-head aliases are left out, as save_pretrained does)."""
-  from safetensors.numpy import save_file
-  os.makedirs(out_dir, exist_ok=True)
+  or unexpected keys (the tied LM-head aliases are left out, as save_pretrained does). Written to
+  a temporary folder and renamed when complete; an existing non-empty out_dir needs overwrite."""
+  from safetensors.numpy import save
+  from blip_jax import fs
+  fs.check_output(out_dir, overwrite, "export folder")
+  fs.makedirs(fs.path(out_dir).parent)
+  tmp = fs.temp_sibling(out_dir)
+  fs.makedirs(tmp)
   sd = to_state_dict(params, mapping.hf_table(cfg))
-  save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config_dict(cfg), f, indent=2)
-  return out_dir
+  fs.path(fs.join(tmp, "model.safetensors")).write_bytes(save(sd, metadata={"format": "pt"}))
+  fs.write_json(fs.join(tmp, "config.json"), hf_config_dict(cfg), indent=2)
+  return fs.publish(tmp, out_dir)

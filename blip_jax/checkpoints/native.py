@@ -6,9 +6,6 @@
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
 from blip_jax.models.config import BlipConfig
@@ -17,35 +14,42 @@ CONFIG_FILE = "blip_config.json"
 
 
 def is_native_dir(path: str) -> bool:
-  return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE))
+  from blip_jax import fs
+  return fs.path(path).is_dir() and fs.exists(fs.join(path, CONFIG_FILE))
 
 
-def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None) -> str:
+def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None, overwrite: bool = False) -> str:
+  """Writes the model to a temporary folder next to `path` and renames it when complete: an
+  interrupted save leaves no half-written model. An existing non-empty `path` is replaced only
+  with overwrite=True. `path` may be a URL (gs://...)."""
   import orbax.checkpoint as ocp
-  path = os.path.abspath(path)  # orbax wants absolute paths
-  os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, CONFIG_FILE), "w") as f:
-    f.write(cfg.to_json())
+  from blip_jax import fs
+  fs.check_output(path, overwrite, "model folder")
+  final = str(fs.path(path))
+  fs.makedirs(fs.path(final).parent)
+  tmp = fs.temp_sibling(final)
+  fs.makedirs(tmp)
   state = {"params": params, "extras": extras or {}}
   ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.join(path, "state"), state, force=True)
+  ckptr.save(fs.join(tmp, "state"), state, force=True)
   ckptr.wait_until_finished()
   if tokenizer is not None:
     from blip_jax.tokenizers import save_tokenizer
-    save_tokenizer(tokenizer, os.path.join(path, "tokenizer"))
-  return path
+    save_tokenizer(tokenizer, fs.join(tmp, "tokenizer"))
+  fs.write_text(fs.join(tmp, CONFIG_FILE), cfg.to_json())  # last: its presence marks a complete model
+  return fs.publish(tmp, final)
 
 
 def load_native(path: str):
   """-> (config, params, extras, tokenizer or None); arrays come back as numpy."""
   import orbax.checkpoint as ocp
+  from blip_jax import fs
   from blip_jax.tokenizers import load_tokenizer_dir
-  path = os.path.abspath(path)
-  with open(os.path.join(path, CONFIG_FILE)) as f:
-    cfg = BlipConfig.from_dict(json.load(f))
-  state = ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+  path = str(fs.path(path))
+  cfg = BlipConfig.from_dict(fs.read_json(fs.join(path, CONFIG_FILE)))
+  state = ocp.StandardCheckpointer().restore(fs.join(path, "state"))
   import jax
   state = jax.tree.map(np.asarray, state)
-  tok_dir = os.path.join(path, "tokenizer")
-  tok = load_tokenizer_dir(tok_dir) if os.path.isdir(tok_dir) else None
+  tok_dir = fs.join(path, "tokenizer")
+  tok = load_tokenizer_dir(tok_dir) if fs.path(tok_dir).is_dir() else None
   return cfg, state["params"], state.get("extras") or {}, tok

@@ -11,11 +11,13 @@ def read_entries(files: str | Sequence[str]) -> list:
   """The entries of one or more annotation files: JSON lists, or JSON lines (.jsonl, e.g. MSRVTT)."""
   files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
   entries = []
+  from blip_jax import fs
   for path in files:
-    if not os.path.isfile(path):
+    if not str(path).strip():
+      raise FileNotFoundError("an annotation path is empty: give the JSON file(s) of the data")
+    if not fs.exists(path) or fs.path(path).is_dir():
       raise FileNotFoundError(f"{path}: no such annotation file")
-    with open(path) as f:
-      text = f.read()
+    text = fs.read_text(path)
     try:
       if str(path).endswith(".jsonl"):
         part = [json.loads(line) for line in text.splitlines() if line.strip()]

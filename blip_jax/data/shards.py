@@ -1,14 +1,17 @@
 """`blip-jax make-shards`: BLIP JSON + images -> TFRecord shards in img2dataset's format
 (features jpg, txt, key; plus `captions` when an entry has several). Shards are written in parallel
 (threads: file reads and TFRecord writes release the GIL; no fork beside JAX's threads),
-each to a temporary name and renamed when complete, so an interrupted run resumes per shard."""
+each to a temporary name and renamed when complete, so an interrupted run resumes per shard. The
+settings are recorded (make_shards.json); a rerun with other settings is refused, since its shards
+would cut the entries differently. The output folder may be a URL (gs://...)."""
 from __future__ import annotations
 
-import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 
+from blip_jax import fs
+
 SHARD_NAME = "{:05d}.tfrecord"
+SETTINGS = "make_shards.json"
 
 
 def _bytes_feature(values):
@@ -18,19 +21,19 @@ def _bytes_feature(values):
 
 def _write_shard(args):
   import tensorflow as tf
-  out_dir, index, entries, image_root = args
-  final = os.path.join(out_dir, SHARD_NAME.format(index))
-  if os.path.exists(final):
+  out_dir, index, start, entries, image_root = args
+  final = fs.join(out_dir, SHARD_NAME.format(index))
+  if fs.exists(final):
     return index, len(entries), 0, True
-  tmp = final + ".tmp"
+  tmp = fs.temp_sibling(final)
   written = missing = 0
   with tf.io.TFRecordWriter(tmp) as w:
-    for k, e in entries:
-      path = e["image"] if os.path.isabs(e["image"]) else os.path.join(image_root, e["image"])
+    for k, e in enumerate(entries, start):
+      image = e["image"]
+      path = image if (image.startswith("/") or fs.is_url(image)) else fs.join(image_root, image)
       try:
-        with open(path, "rb") as f:
-          data = f.read()
-      except OSError:
+        data = fs.path(path).read_bytes()
+      except Exception:  # noqa: BLE001 (OSError locally; the storage client's errors for URLs)
         missing += 1
         continue
       caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
@@ -40,7 +43,7 @@ def _write_shard(args):
         feats["captions"] = _bytes_feature([c.encode("utf-8") for c in caps])
       w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
       written += 1
-  os.replace(tmp, final)
+  fs.publish(tmp, final)
   return index, written, missing, False
 
 
@@ -48,9 +51,19 @@ def make_shards(annotations: list[str], image_root: str, out_dir: str, per_shard
                 workers: int = 2, progress: bool = True) -> dict:
   from blip_jax.data.annotations import read_entries
   entries = read_entries(annotations)
-  os.makedirs(out_dir, exist_ok=True)
-  jobs = [(out_dir, i, list(enumerate(entries))[s:s + per_shard], image_root)
-          for i, s in enumerate(range(0, len(entries), per_shard))]
+  settings = {"annotations": [str(fs.path(a)) for a in annotations], "image_root": str(fs.path(image_root)) if image_root else "",
+              "per_shard": per_shard, "entries": len(entries)}
+  path = fs.join(out_dir, SETTINGS)
+  if fs.exists(path):
+    old = fs.read_json(path)
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if diff:
+      raise ValueError(f"{out_dir} holds shards made with other settings (was, now): {diff}; use another "
+                       "output folder, or the same settings to resume")
+  else:
+    fs.write_json(path, settings)
+  # one slice per shard (O(N) overall), entry numbers kept for the default keys
+  jobs = [(out_dir, i, s, entries[s:s + per_shard], image_root) for i, s in enumerate(range(0, len(entries), per_shard))]
   from tqdm import tqdm
   stats = {"shards": len(jobs), "written": 0, "missing_images": 0, "already_done": 0}
   with ThreadPoolExecutor(max_workers=workers) as pool, \
@@ -59,7 +72,6 @@ def make_shards(annotations: list[str], image_root: str, out_dir: str, per_shard
       stats["written"] += n if not done else 0
       stats["missing_images"] += missing
       stats["already_done"] += int(done)
-      bar.update(len(jobs[index][2]))
-  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-    json.dump({"annotations": annotations, "entries": len(entries), **stats}, f, indent=1)
+      bar.update(len(jobs[index][3]))
+  fs.write_json(fs.join(out_dir, "manifest.json"), {"annotations": annotations, "entries": len(entries), **stats})
   return stats

@@ -45,6 +45,26 @@ def _ragged(rows, dtype):
   return tf.ragged.constant(rows, dtype=dtype) if rows else tf.ragged.constant([[]], dtype=dtype)
 
 
+_NEEDS = {"caption": ("image", "caption"), "vqa": ("image", "question"), "nlvr": ("images", "sentence", "label")}
+
+
+def check_entries(entries: list, task: str, name: str) -> None:
+  """Every entry has what its task reads; the first that does not is named. Web-data lists with
+  URLs (BLIP's released ccs_filtered.json, laion_synthetic_*.json) must be downloaded first."""
+  need = _NEEDS[task]
+  for n, e in enumerate(entries):
+    if isinstance(e, dict) and all(k in e for k in need):
+      continue
+    if isinstance(e, dict) and "url" in e and "image" not in e:
+      raise ValueError(f"{name}: entry {n} has a 'url' but no 'image': this is a web-data list (as BLIP's "
+                       "released ccs_filtered.json / laion_synthetic_*.json); download the images first, e.g. "
+                       "img2dataset --input_format=json --url_col=url --caption_col=caption --output_format=tfrecord, "
+                       "then train on the shards with data.source.kind=tfrecord")
+    got = sorted(e) if isinstance(e, dict) else type(e).__name__
+    raise ValueError(f"{name}: entry {n} lacks {[k for k in need if not isinstance(e, dict) or k not in e]} "
+                     f"(has {got}); {task} annotations need {list(need)}")
+
+
 class JsonSource(Source):
   """BLIP annotation files (blip_facts §8.1) with an image root:
 
@@ -62,6 +82,7 @@ class JsonSource(Source):
     self.name = ",".join(os.path.basename(f) for f in files)
     e0 = entries[0]
     self.task = task or ("vqa" if "question" in e0 else "nlvr" if "images" in e0 else "caption")
+    check_entries(entries, self.task, self.name)
     root = image_root
     path = lambda p: p if (os.path.isabs(p) or "://" in p) else os.path.join(root, p)
     ids: dict = {}

@@ -13,6 +13,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from blip_jax import losses
@@ -51,6 +52,22 @@ def momentum_view(params: dict) -> dict:
   return out
 
 
+def split_ids(image_ids) -> np.ndarray:
+  """int64 image ids [B] -> int32 [B, 2] (high, low halves), the form the step compares: a jitted
+  step without x64 would truncate int64 to int32, and hashed TFRecord keys use 62 bits."""
+  ids = np.asarray(image_ids, np.int64)
+  return np.stack([(ids >> 32).astype(np.int32), (ids & 0xFFFFFFFF).astype(np.uint32).view(np.int32)], axis=-1)
+
+
+def _image_ids(batch):
+  ids = batch.get("image_id")
+  if ids is None:
+    return None
+  if ids.ndim != 2 or ids.dtype != jnp.int32:
+    raise ValueError(f"batch['image_id'] must be split_ids(...) int32 [B, 2], got {ids.dtype} {ids.shape}")
+  return ids
+
+
 def normalize_images(images):
   """uint8 [B, H, W, 3] from the input pipeline -> CLIP-normalised float32 (on the device)."""
   if images.dtype == jnp.uint8:
@@ -74,7 +91,7 @@ def init_state(cfg: BlipConfig, tx: optax.GradientTransformation, loss_cfg: Loss
       "opt_state": tx.init(params if boxed else plain),
       "momentum": momentum,
       "image_queue": norm(qi), "text_queue": norm(qt),
-      "idx_queue": jnp.full((q,), -100, jnp.int32),
+      "idx_queue": jnp.full((q, 2), -100, jnp.int32),  # image ids as split_ids pairs
       "queue_ptr": jnp.zeros((), jnp.int32),
       "rng": k_rng,
       "nonfinite_step": jnp.full((), -1, jnp.int32),
@@ -88,15 +105,15 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
   temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)
   pixels = normalize_images(batch["image"])
   ids, mask = batch["text_ids"], batch["text_mask"]
-  k_drop, k_neg_i, k_neg_t = jax.random.split(rng, 3)
-  rngs = {"dropout": k_drop}
+  # each forward its own dropout key, as separate torch forwards draw separate masks
+  k_drop_uni, k_drop_itm, k_neg_i, k_neg_t = jax.random.split(rng, 4)
 
   def online(m):
     image_embeds = m.encode_image(pixels, train=True)
     image_feat = m.image_feat(image_embeds)
     text_feat = m.text_feat(ids, mask, train=True)
     return image_embeds, image_feat, text_feat
-  image_embeds, image_feat, text_feat = model.apply({"params": params}, method=online, rngs=rngs)
+  image_embeds, image_feat, text_feat = model.apply({"params": params}, method=online, rngs={"dropout": k_drop_uni})
 
   def mom(m):
     e = m.encode_image(pixels)
@@ -105,26 +122,26 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
   mom_params = {**momentum, "temp": params["temp"], "itm_head": params["itm_head"]}
   image_feat_m, text_feat_m = jax.lax.stop_gradient(mom_model.apply({"params": mom_params}, method=mom))
 
-  idx = batch.get("image_id") if loss_cfg.use_image_ids else None
+  ids_all = _image_ids(batch)  # [G, 2] int32 or None
+  idx = ids_all if loss_cfg.use_image_ids else None
   loss_itc, (sim_i2t, sim_t2i) = losses.itc_loss(
       image_feat, text_feat, image_feat_m, text_feat_m, queues["image_queue"], queues["text_queue"],
-      temp, alpha, idx=None if idx is None else idx.astype(jnp.int32), idx_queue=queues["idx_queue"])
+      temp, alpha, idx=idx, idx_queue=queues["idx_queue"])
 
   # ITM with hard negatives, sampled from the contrastive similarities. Official pretraining: the
-  # in-batch columns of the ITC sims (online vs momentum keys), per device, +1e-4 floor. With image
-  # ids (official retrieval): online vs online sims, every pair of the same image excluded, over the
-  # whole global batch ('global', negative_all_rank) or per data shard ('local'). 'global' without
-  # ids excludes only the pair itself.
+  # in-batch columns of the ITC sims (online vs momentum keys), per device, +1e-4 floor. Official
+  # retrieval (image-id positives): online vs online sims, no floor, over the whole global batch
+  # ('global', negative_all_rank) or per data shard ('local'). Whenever the batch has image ids, no
+  # pair of the same image is a negative (another caption of the image is a match).
   g = ids.shape[0]
   groups = loss_cfg.itm_groups if loss_cfg.itm_scope == "local" else 1
-  if loss_cfg.itm_scope == "local" and idx is None:
-    w_t2i = losses.negative_weights(sim_t2i[:, :g], groups)
-    w_i2t = losses.negative_weights(sim_i2t[:, :g], groups)
+  if idx is None:
+    w_t2i = losses.negative_weights(sim_t2i[:, :g], groups, idx=ids_all)
+    w_i2t = losses.negative_weights(sim_i2t[:, :g], groups, idx=ids_all)
   else:
     s = image_feat @ text_feat.T / temp
-    gid = idx if idx is not None else jnp.arange(g)
-    w_i2t = losses.negative_weights(s, groups, idx=gid)
-    w_t2i = losses.negative_weights(s.T, groups, idx=gid)
+    w_i2t = losses.negative_weights(s, groups, floor=0.0, idx=idx)
+    w_t2i = losses.negative_weights(s.T, groups, floor=0.0, idx=idx)
   neg_image = losses.sample_negatives(k_neg_i, w_t2i)  # for each text, an image
   neg_text = losses.sample_negatives(k_neg_t, w_i2t)  # for each image, a text
 
@@ -136,7 +153,7 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
     neg = m.itm_logits(images, texts, masks, train=True)
     lm = m.lm_logits(image_embeds, ids, mask, train=True) if cfg.kind == "pretrain" else None
     return pos, neg, lm
-  logits_pos, logits_neg, lm_logits = model.apply({"params": params}, method=itm, rngs=rngs)
+  logits_pos, logits_neg, lm_logits = model.apply({"params": params}, method=itm, rngs={"dropout": k_drop_itm})
   loss_itm, itm_acc = losses.itm_loss(logits_pos, logits_neg)
   # retrieval fine-tuning has no decoder: ITC + ITM only (official blip_retrieval)
   loss_lm = (losses.lm_loss(lm_logits, ids, mask, label_smoothing=loss_cfg.label_smoothing)
@@ -187,20 +204,25 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
     g = feat_i.shape[0]
     ptr = state["queue_ptr"]
     upd = lambda q, x: jax.lax.dynamic_update_slice(q, x.astype(q.dtype), (ptr,) + (0,) * (q.ndim - 1))
-    ids_g = batch.get("image_id", jnp.full((g,), -100)).astype(jnp.int32)
+    ids_g = _image_ids(batch)
+    ids_g = jnp.full((g, 2), -100, jnp.int32) if ids_g is None else ids_g
     new = {
         "step": s + 1, "params": new_params, "opt_state": opt_state, "momentum": momentum,
         "image_queue": upd(state["image_queue"], feat_i), "text_queue": upd(state["text_queue"], feat_t),
         "idx_queue": upd(state["idx_queue"], ids_g),
         "queue_ptr": (ptr + g) % state["image_queue"].shape[0], "rng": state["rng"],
     }
-    # 5. a non-finite loss leaves the state as it was and records the step (the loop stops there)
-    finite = jnp.isfinite(metrics["loss"])
+    # 5. a non-finite loss leaves the state as it was, records the step and keeps the state there
+    # from then on (the loop reads nonfinite_step every step and stops; the checkpoints stay good)
+    clean = state["nonfinite_step"] < 0
+    finite = jnp.isfinite(metrics["loss"]) & clean
     keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
     new = {k_: keep(v, state[k_]) if k_ not in ("step",) else v for k_, v in new.items()}
-    new["nonfinite_step"] = jnp.where(finite | (state["nonfinite_step"] >= 0), state["nonfinite_step"], s)
+    new["nonfinite_step"] = jnp.where(finite | ~clean, state["nonfinite_step"], s)
+    # any host's stop request (its rows of batch['stop']), as one value all hosts read
+    stop = jnp.max(batch["stop"]) if "stop" in batch else jnp.zeros((), jnp.int32)
     metrics = {**metrics, "lr": lr_fn(s), "temp": temp, "alpha": alpha,
-               "grad_norm": optax.tree.norm(grads)}
+               "grad_norm": optax.tree.norm(grads), "stop": stop, "nonfinite_step": new["nonfinite_step"]}
     return new, metrics
 
   return step

@@ -63,15 +63,16 @@ def make_mesh(c):
   return jax.make_mesh(tuple(shape[k] for k in names), names, axis_types=(AxisType.Auto,) * len(names))
 
 
-def check_batch(c, mesh):
+def check_batch(c, mesh, processes: int | None = None):
   """Fail before any compute when the global batch does not fit the mesh, the hosts or the queue."""
   g = c.batch_size
+  processes = processes or jax.process_count()
   shards = mesh.shape["data"] * mesh.shape.get("fsdp", 1)
   problems = []
   if g % shards:
     problems.append(f"batch_size {g} is not divisible by the data-parallel size {shards} (mesh data x fsdp)")
-  if g % jax.process_count():
-    problems.append(f"batch_size {g} is not divisible by the {jax.process_count()} processes")
+  if g % processes:
+    problems.append(f"batch_size {g} is not divisible by the {processes} processes")
   if c.optim.grad_accum > 1 and (g % c.optim.grad_accum or (g // c.optim.grad_accum) % shards):
     problems.append(f"batch_size {g} / grad_accum {c.optim.grad_accum} must be a multiple of {shards}")
   q = c.loss.queue_size
@@ -166,15 +167,23 @@ def _tokenizer(c, workdir, source):
   if t.type == "sentencepiece":
     if t.model:
       return SentencePieceTokenizer(t.model)
-    # train one on the training captions (demo / synthetic data): kept in the workdir
-    path = os.path.join(workdir, "tokenizer", "spm.model")
-    if not os.path.exists(path):
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      corpus = os.path.join(os.path.dirname(path), "corpus.txt")
-      texts = source.eval_texts()[0]
-      with open(corpus, "w") as f:
-        f.write("\n".join(texts))
-      train_sentencepiece(corpus, path[:-len(".model")], vocab_size=t.vocab_size)
+    # train one on the training captions (demo / synthetic data): kept in the workdir; process 0
+    # trains it, the others wait and read it
+    from blip_jax import fs
+    path = fs.join(workdir, "tokenizer", "spm.model")
+    if jax.process_index() == 0 and not fs.exists(path):
+      import tempfile
+      with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w") as f:
+          f.write("\n".join(source.eval_texts()[0]))
+        local = train_sentencepiece(corpus, os.path.join(tmp, "spm"), vocab_size=t.vocab_size)
+        with open(local, "rb") as f:
+          fs.makedirs(fs.join(workdir, "tokenizer"))
+          tmp_path = fs.temp_sibling(path)
+          fs.path(tmp_path).write_bytes(f.read())
+          fs.publish(tmp_path, path)
+    _sync("tokenizer")
     return SentencePieceTokenizer(path)
   raise ConfigError(f"tokenizer.type must be 'bert' or 'sentencepiece', got {t.type!r}")
 
@@ -188,27 +197,32 @@ def _packaged_vocab():
 
 
 def train(c, workdir: str):
-  """Runs (or resumes) pretraining. Returns the final metrics dict."""
+  """Runs (or resumes) a task's training. Returns the final metrics dict."""
   import orbax.checkpoint as ocp
   import blip_jax.data as D
+  from blip_jax import fs, tasks
   from blip_jax.data.device import prefetch_to_device
+  from blip_jax.train.step import split_ids
 
-  from blip_jax import tasks
-  workdir = os.path.abspath(workdir)
+  workdir = str(fs.path(workdir))  # a URL stays a URL (gs://...); a local path is made absolute
   try:
     task = tasks.get(c.task)
     task.check_config(c)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from None
-  os.makedirs(workdir, exist_ok=True)
   mesh = make_mesh(c)
   check_batch(c, mesh)
+  check_run_config(c, workdir)  # a restart with other settings stops here, before any compute
   host_batch = c.batch_size // jax.process_count()
-  source = D.make_source(c.data.source.to_dict())
-  tok = _tokenizer(c, workdir, source)
-  mcfg = model_config(c, tok)
-  pipe_cfg = dict(c.data.pipeline.to_dict(), batch_size=host_batch, image_size=mcfg.vision.image_size)
-  pipe = D.InputPipeline(source, tok, pipe_cfg)
+  try:  # data that cannot train stops here, named, before any compute
+    source = D.make_source(c.data.source.to_dict())
+    tok = _tokenizer(c, workdir, source)
+    mcfg = model_config(c, tok)
+    pipe_cfg = dict(c.data.pipeline.to_dict(), batch_size=host_batch, image_size=mcfg.vision.image_size)
+    pipe = D.InputPipeline(source, tok, pipe_cfg)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(f"data.source ({c.data.source.kind}): {e}") from None
+  store_run_config(c, workdir)
   steps_per_epoch = pipe.steps_per_epoch or c.steps_per_epoch
   if not steps_per_epoch:
     raise ConfigError("a streaming source needs steps_per_epoch in the config")
@@ -216,43 +230,53 @@ def train(c, workdir: str):
 
   step_fn, init_fn, shardings, batch_sharding, loss_cfg = build(c, mcfg, mesh, steps_per_epoch, total_steps)
 
-  options = ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, save_interval_steps=1,
-                                         enable_async_checkpointing=True)
-  mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options,
-                               item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                              "meta": ocp.JsonCheckpointHandler()})
-  latest = mngr.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(init_fn, jax.random.PRNGKey(0)), shardings)
-    restored = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                            meta=ocp.args.JsonRestore()))
-    state, meta = restored["state"], restored["meta"]
-    pipe.restore(meta["data"])
-    log.info("resumed from step %d (epoch %d, position %d)", latest, meta["data"]["epoch"], meta["data"]["position"])
+  mngr = _checkpoint_manager(workdir, c.keep_checkpoints)
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init_fn, jax.random.PRNGKey(0)), shardings)
+  mngr, restored = _restore_latest(mngr, workdir, abstract, c.keep_checkpoints)
+  if restored is not None:
+    state, meta = restored
+    # each host's own input position (hosts skip different numbers of bad examples)
+    host_data = meta.get("host_data") or []
+    pipe.restore(host_data[jax.process_index()] if len(host_data) == jax.process_count() else meta["data"])
+    log.info("resumed from step %d (epoch %d, position %d)", int(meta["step"]), meta["data"]["epoch"],
+             meta["data"]["position"])
   else:
     with jax.set_mesh(mesh):
       state = init_fn(jax.random.PRNGKey(c.seed))
     state = _initialise_from(c, mcfg, state, shardings)
-    meta = None
 
   from clu import metric_writers
-  writer = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(fs.join(workdir, "tb"), just_logging=jax.process_index() > 0)
   writer.write_hparams({k: str(v) for k, v in _flat(c.to_dict()).items()})
+  metrics_log = fs.JsonLines(fs.join(workdir, "metrics.jsonl")) if jax.process_index() == 0 else None
   stopper = _Stop()
 
-  keys = ("image", "text_ids", "text_mask", "image_id")
   def host_batches():  # each batch tagged with the input position right after it
     for b in pipe:
-      yield pipe.state(), {k: b[k] for k in keys}
+      yield pipe.state(), {"image": b["image"], "text_ids": b["text_ids"], "text_mask": b["text_mask"],
+                           "image_id": split_ids(b["image_id"])}
   batches = prefetch_to_device(host_batches(), batch_sharding, size=c.data.pipeline.prefetch)
   data_state = pipe.state()
+  n_local = host_batch
+
+  def stop_flags():
+    """This host's stop request as its rows of a global [batch] array; the step reduces it to one
+    value every host reads, so all hosts stop after the same step."""
+    return jax.make_array_from_process_local_data(batch_sharding, np.full((n_local,), int(stopper.signal is not None),
+                                                                          np.int32))
 
   def save(step, wait=False):
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave({"data": data_state, "step": step})), force=True)
+    meta = {"data": data_state, "step": step, "host_data": _all_hosts(data_state)}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=True)
     if wait:
       mngr.wait_until_finished()
+
+  def stop_nonfinite(bad):
+    mngr.wait_until_finished()
+    raise FloatingPointError(f"non-finite loss at step {bad + 1}; stopped. The last good checkpoint "
+                             f"(step {mngr.latest_step()}) is kept in {workdir}/checkpoints")
 
   best = _read_best(workdir)
   eval_metrics = {}
@@ -268,35 +292,49 @@ def train(c, workdir: str):
     eval_metrics["eval_s"] = time.time() - t0
     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
     improved = task.select in eval_metrics and (best is None or eval_metrics[task.select] > best["value"])
+    best_dir = fs.join(workdir, "best")
     if improved:
       best = {"step": step, "epoch": epoch, "metric": task.select, "value": eval_metrics[task.select],
               "metrics": eval_metrics}
-      model.save(os.path.join(workdir, "best"))
+      model.save(best_dir, overwrite=True)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in eval_metrics.items()}}) + "\n")
+      metrics_log.append({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
       if improved:
-        with open(os.path.join(workdir, "best", "best.json"), "w") as f:
-          json.dump(best, f, indent=2)
+        fs.write_json(fs.join(best_dir, "best.json"), best, indent=2)
       shown = "  ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items() if k.endswith(("r1", "r_mean")))
       print(f"epoch {epoch} eval ({eval_metrics['eval_s']:.0f} s): {shown}"
-            f"{'  (best so far: saved to ' + os.path.join(workdir, 'best') + ')' if improved else ''}", flush=True)
+            f"{'  (best so far: saved to ' + best_dir + ')' if improved else ''}", flush=True)
 
   step = int(state["step"])
   t_last, n_last, metrics = time.time(), step, {}
   history = []
+  pending = None  # the previous step's control values, read one step late so the host never waits
   while step < total_steps:
-    data_state, batch = next(batches)
+    try:
+      data_state, batch = next(batches)
+    except D.DataError as e:
+      mngr.wait_until_finished()
+      raise ConfigError(str(e)) from None
+    batch["stop"] = stop_flags()
     with jax.set_mesh(mesh):
       state, m = step_fn(state, batch)
     step += 1
-    if step % c.log_every == 0 or step == total_steps or stopper.signal:
-      bad = int(state["nonfinite_step"])
+    # Control, every step: the previous step has finished by now (this one is queued behind it),
+    # so reading its two scalars does not stall the devices. The values are global: every host
+    # takes the same decision at the same step.
+    stop_now = False
+    if pending is not None:
+      stop_prev, bad = (int(x) for x in jax.device_get(pending))
+      if bad >= 0:  # the state has stayed at the last good step since (the step freezes it)
+        stop_nonfinite(bad)
+      stop_now = bool(stop_prev)
+    pending = (m["stop"], m["nonfinite_step"])
+    if step == total_steps:
+      stop_prev, bad = (int(x) for x in jax.device_get(pending))
       if bad >= 0:
-        mngr.wait_until_finished()
-        raise FloatingPointError(f"non-finite loss at step {bad + 1}; stopped. The last good checkpoint "
-                                 f"(step {mngr.latest_step()}) is kept in {workdir}/checkpoints")
-      metrics = {k: float(v) for k, v in m.items()}
+        stop_nonfinite(bad)
+    if step % c.log_every == 0 or step == total_steps or stop_now:
+      metrics = {k: float(v) for k, v in m.items() if k not in ("stop", "nonfinite_step")}
       dt = time.time() - t_last
       steps = max(step - n_last, 1)
       metrics.update(examples_per_s=steps * c.batch_size / dt, step_time_s=dt / steps,
@@ -305,9 +343,7 @@ def train(c, workdir: str):
       history.append({"step": step, **metrics})
       writer.write_scalars(step, metrics)
       if jax.process_index() == 0:
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-          f.write(json.dumps({"step": step, **metrics}) + "\n")
-      if jax.process_index() == 0:
+        metrics_log.append({"step": step, **metrics})
         print(f"step {step}/{total_steps} ep {metrics['epoch']:.2f} loss {metrics['loss']:.4f} "
               f"itc {metrics['loss_itc']:.4f} itm {metrics['loss_itm']:.4f} (acc {metrics['itm_acc']:.3f}) "
               f"lm {metrics['loss_lm']:.4f} lr {metrics['lr']:.2e} temp {metrics['temp']:.4f} "
@@ -315,16 +351,22 @@ def train(c, workdir: str):
               f"{metrics['step_time_s'] * 1000:.0f} ms/step eta {eta / 60:.1f} min skipped {data_state['skipped']}",
               flush=True)
       t_last, n_last = time.time(), step
-    if stopper.signal:
+    if stop_now:
+      bad = int(state["nonfinite_step"])
+      if bad >= 0:
+        stop_nonfinite(bad)
       save(step, wait=True)
-      print(f"signal {stopper.signal}: saved checkpoint at step {step}; exiting", flush=True)
+      who = f"signal {stopper.signal}" if stopper.signal else "another host's signal"
+      print(f"{who}: saved checkpoint at step {step}; exiting", flush=True)
       writer.close()
       sys.exit(0)
     epoch_end = task.evaluate is not None and (step % (steps_per_epoch * c.eval.every_epochs) == 0
                                                or step == total_steps)
     if step % c.checkpoint_every == 0 or step == total_steps or epoch_end:
-      if int(state["nonfinite_step"]) < 0:
-        save(step)
+      bad = int(state["nonfinite_step"])
+      if bad >= 0:
+        stop_nonfinite(bad)
+      save(step)
     if epoch_end:
       evaluate_epoch(step)
   mngr.wait_until_finished()
@@ -337,6 +379,110 @@ def train(c, workdir: str):
   return result
 
 
+def _all_hosts(data_state: dict) -> list:
+  """Every host's input state (JSON checkpoint items are written by process 0 alone)."""
+  if jax.process_count() == 1:
+    return [data_state]
+  from jax.experimental import multihost_utils
+  keys = sorted(data_state)
+  rows = multihost_utils.process_allgather(np.array([int(data_state[k]) for k in keys], np.int32))
+  return [dict(zip(keys, (int(v) for v in row))) for row in np.asarray(rows).reshape(jax.process_count(), -1)]
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _checkpoint_manager(workdir, keep):
+  import orbax.checkpoint as ocp
+  from blip_jax import fs
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(fs.join(workdir, "checkpoints"), options=options,
+                               item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                              "meta": ocp.JsonCheckpointHandler()})
+
+
+def _restore_latest(mngr, workdir, abstract, keep):
+  """(manager, (state, meta) or None): the newest checkpoint that restores. One that does not (data
+  files truncated by a disk fault or a partial copy) is named, moved to checkpoints_unreadable/
+  (never deleted) and the next older one is tried."""
+  import orbax.checkpoint as ocp
+  from blip_jax import fs
+  while True:
+    latest = mngr.latest_step()
+    if latest is None:
+      return mngr, None
+    try:
+      r = mngr.restore(latest, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                       meta=ocp.args.JsonRestore()))
+      meta = dict(r["meta"])
+      meta.setdefault("step", latest)
+      return mngr, (r["state"], meta)
+    except Exception as e:  # noqa: BLE001 (Orbax/TensorStore raise many kinds)
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      aside = fs.join(workdir, "checkpoints_unreadable", f"{latest}-{int(time.time())}")
+      print(f"warning: checkpoint step {latest} does not restore ({type(e).__name__}: {first}); moved to "
+            f"{aside}; trying the next older one", file=sys.stderr, flush=True)
+      _sync(f"restore failed {latest}")
+      if jax.process_index() == 0:
+        fs.makedirs(fs.join(workdir, "checkpoints_unreadable"))
+        fs.path(fs.join(workdir, "checkpoints", str(latest))).rename(fs.path(aside))
+      _sync(f"set aside {latest}")
+      mngr.close()
+      mngr = _checkpoint_manager(workdir, keep)
+
+
+# Keys that may differ on a restart without saying so (how often to log and save, the evaluation),
+# and keys that can never differ within one workdir (the model, its data and its batch: a run that
+# changed them would not be the run its checkpoints belong to). Everything else (lr, steps, the
+# mesh, ...) may change when listed in allow_changes.
+_FREE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "allow_changes", "eval.", "init.",
+              "data.pipeline.prefetch", "data.pipeline.threads")
+_FIXED_KEYS = ("task", "model.", "tokenizer.", "data.source.", "batch_size", "loss.queue_size", "seed")
+
+
+def check_run_config(c, workdir):
+  """A workdir with checkpoints belongs to the config stored at its first start (config.json): a
+  restart stops at once naming every differing key, unless it is free or listed in
+  config.allow_changes. Call store_run_config once the data is known to be good."""
+  from blip_jax import fs
+  path = fs.join(workdir, "config.json")
+  ckpts = fs.join(workdir, "checkpoints")
+  has_run = fs.exists(ckpts) and any(p.name.isdigit() for p in fs.path(ckpts).iterdir())
+  stored = fs.read_json(path) if has_run and fs.exists(path) else None
+  if stored is None:
+    if has_run:
+      log.warning("%s has checkpoints but no config.json (an older run): storing this config", workdir)
+    return
+  now = _flat(json.loads(c.to_json_best_effort()))
+  stored = _flat(stored)
+  allowed = {k.strip() for k in str(c.get("allow_changes", "")).split(",") if k.strip()}
+  differ = sorted(k for k in set(now) | set(stored) if now.get(k, "<absent>") != stored.get(k, "<absent>")
+                  and not k.startswith(_FREE_KEYS))
+  fixed = [k for k in differ if k.startswith(_FIXED_KEYS) or k in _FIXED_KEYS]
+  unlisted = [k for k in differ if k not in fixed and not any(k == a or k.startswith(a + ".") for a in allowed)]
+  show = lambda ks: "; ".join(f"{k}: {stored.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in ks)
+  if fixed:
+    raise ConfigError(f"{workdir} belongs to a run with other settings that a restart cannot change: {show(fixed)}. "
+                      "Use a new workdir (init.blip can start from this run's checkpoint)")
+  if unlisted:
+    raise ConfigError(f"{workdir} was started with other settings: {show(unlisted)}. If the change is meant, "
+                      f"pass --config.allow_changes={','.join(unlisted)}")
+  if differ:
+    print(f"changed on restart (allowed): {show(differ)}", flush=True)
+
+
+def store_run_config(c, workdir):
+  """config.json: the resolved config this workdir's run uses (process 0 writes it)."""
+  from blip_jax import fs
+  _sync("config checked")  # every host has compared before process 0 writes
+  if jax.process_index() == 0:
+    fs.write_json(fs.join(workdir, "config.json"), json.loads(c.to_json_best_effort()), indent=2)
+  _sync("config stored")
+
+
 def _host_params(params, mesh):
   """Params as host numpy arrays on every process (replicated first when sharded over hosts)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -346,11 +492,9 @@ def _host_params(params, mesh):
 
 
 def _read_best(workdir):
-  path = os.path.join(workdir, "best", "best.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
+  from blip_jax import fs
+  path = fs.join(workdir, "best", "best.json")
+  return fs.read_json(path) if fs.exists(path) else None
 
 
 def run_eval(c, mcfg, params, tok):
