@@ -37,9 +37,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_hosts(cmd, signal_at=None):
+def _two_hosts(cmd, signal_at=None, kill=False):
   """Runs `cmd` as 2 processes (1 CPU device each) under jax.distributed on localhost. With
-  signal_at=N, SIGTERM goes to process 1 only, once process 0 has printed step N."""
+  signal_at=N, once process 0 has printed step N: SIGTERM to process 1 only, or with kill=True
+  SIGKILL to both (a machine lost)."""
   port = _free_port()
   procs = []
   for i in range(2):
@@ -51,7 +52,8 @@ def _two_hosts(cmd, signal_at=None):
     for line in procs[0].stdout:
       lines.append(line)
       if line.startswith(f"step {signal_at}/"):
-        procs[1].send_signal(signal.SIGTERM)
+        for p in (procs if kill else procs[1:]):
+          p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
         break
   outs = []
   for k, p in enumerate(procs):
@@ -74,9 +76,12 @@ def test_sigterm_on_one_host_stops_all_hosts_at_the_same_step_and_resumes_exactl
   assert saved[0] == saved[1] and 2 <= saved[0] < 8, saved  # the same step on both hosts
   assert str(saved[0]) in os.listdir(work / "checkpoints")
 
-  rcs, outs = _two_hosts(_cmd(work, 8))
-  assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  rcs, outs = _two_hosts(_cmd(work, 8), signal_at=6, kill=True)  # resumed, then both killed hard
+  assert rcs == [-signal.SIGKILL] * 2, outs[0][-3000:]
   assert f"step {saved[0] + 1}/" in outs[0] and f"step {saved[0]}/" not in outs[0]  # resumed after it
+
+  rcs, outs = _two_hosts(_cmd(work, 8))  # from the newest complete checkpoint
+  assert rcs == [0, 0], outs[0][-3000:] + outs[1][-3000:]
   assert _losses(work) == ref  # every step's loss identical to the uninterrupted run
 
 
@@ -89,12 +94,20 @@ def test_config_is_stored_changes_are_refused_and_an_unreadable_checkpoint_is_se
   assert stored["total_steps"] == 9 and stored["model"]["vision"]["width"] == 64
 
   # another model, or an lr not listed in allow_changes: refused at once, naming the keys
-  for extra, words in ((["--config.model.vision.width=32"], ["model.vision.width", "64", "32", "new workdir"]),
-                       (["--config.optim.lr=0.1"], ["optim.lr", "allow_changes=optim.lr"])):
-    run = subprocess.run(_cmd(work, 9, *extra), cwd=ROOT, env=one_device_env(), capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
-    assert all(w in run.stderr for w in words), run.stderr[-2000:]
+  from blip_jax.train.trainer import ConfigError, check_run_config
+  from configs.pretrain import get_config
+  for key, value, words in (("model.vision.width", 32, ["model.vision.width", "64", "32", "new workdir"]),
+                            ("optim.lr", 0.1, ["optim.lr", "allow_changes=optim.lr"])):
+    c = get_config("tiny")
+    c.unlock()
+    c.update_from_flattened_dict({"total_steps": 9, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 10,
+                                  key: value})
+    with pytest.raises(ConfigError) as e:
+      check_run_config(c, str(work))
+    assert all(w in str(e.value) for w in words), str(e.value)
+    c.allow_changes = key
+    if key == "optim.lr":
+      check_run_config(c, str(work))  # listed: accepted
 
   # the newest checkpoint's data files truncated (a disk fault, a partial copy): named, moved
   # aside, and the run resumes from the one before it with the same data order

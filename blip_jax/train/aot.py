@@ -72,15 +72,23 @@ def mesh_for(c, devices):
 
 
 def compile_step(c, topology: str, steps_per_epoch: int = 10_000) -> dict:
-  """Compiles the config's train step for a topology; returns memory (bytes per device), FLOPs
-  per step and the step time at peak."""
+  """Compiles the config's train step for a TPU topology; returns memory (bytes per device),
+  FLOPs per step and the step time at peak."""
+  t = TOPOLOGIES[topology]
+  devices = topology_devices(topology)
+  r = analyze(c, devices, hosts=len(devices) // t.devices_per_host, hbm_bytes=t.hbm_bytes, peak_flops=t.peak_flops,
+              steps_per_epoch=steps_per_epoch)
+  r["topology"] = topology
+  return r
+
+
+def analyze(c, devices, hosts: int, hbm_bytes: int, peak_flops: float, steps_per_epoch: int = 10_000) -> dict:
+  """Lowers and compiles the sharded train step of config `c` over `devices` (abstract TPU devices
+  of a topology, or real ones) without running it; XLA's memory and cost analyses per device."""
   import jax
   import jax.numpy as jnp
   from blip_jax.train.trainer import build, check_batch, model_config
-  t = TOPOLOGIES[topology]
-  devices = topology_devices(topology)
   mesh = mesh_for(c, devices)
-  hosts = len(devices) // t.devices_per_host
   check_batch(c, mesh, processes=hosts)
   mcfg = model_config(c)
   total = c.total_steps if c.total_steps > 0 else c.epochs * steps_per_epoch
@@ -101,12 +109,14 @@ def compile_step(c, topology: str, steps_per_epoch: int = 10_000) -> dict:
   alias, code = mem.alias_size_in_bytes, mem.generated_code_size_in_bytes
   peak = args + out - alias + temp + code
   flops = float(cost.get("flops", 0.0))
-  return {"topology": topology, "devices": len(devices), "hosts": hosts, "mesh": dict(mesh.shape),
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  return {"topology": None, "devices": len(devices), "hosts": hosts, "mesh": dict(mesh.shape),
           "batch": g, "image_size": s, "dtype": mcfg.dtype, "remat": bool(c.model.vision.remat),
+          "state_bytes_unsharded": state_bytes,
           "arguments": args, "outputs": out, "aliased": alias, "temporaries": temp, "code": code,
-          "total": peak, "hbm": t.hbm_bytes, "fits": peak <= t.hbm_bytes,
-          "flops_per_device": flops, "step_s_at_peak": flops / t.peak_flops if flops else None,
-          "examples_per_s_at_peak": g / (flops / t.peak_flops) if flops else None}
+          "total": peak, "hbm": hbm_bytes, "fits": peak <= hbm_bytes,
+          "flops_per_device": flops, "step_s_at_peak": flops / peak_flops if flops else None,
+          "examples_per_s_at_peak": g / (flops / peak_flops) if flops else None}
 
 
 def format_report(r: dict) -> str:
