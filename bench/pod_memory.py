@@ -29,6 +29,7 @@ def main():
   p.add_argument("--json", default="")
   a = p.parse_args()
   os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   sys.path.insert(0, a.libtpu)
   sys.path.insert(0, ROOT)
   import ml_collections

@@ -155,11 +155,12 @@ class BlipModel:
     return [t[len(p):].strip() if p and t.startswith(p) else t for t in texts]
 
   # ---- saving ----
-  def save(self, path: str, overwrite: bool = False) -> str:
+  def save(self, path: str, overwrite: bool = False, tag: str | None = None) -> str:
     """Our format (Orbax + config JSON + tokenizer assets), written whole or not at all; an
-    existing non-empty folder is replaced only with overwrite=True."""
+    existing non-empty folder is replaced only with overwrite=True. Several processes: all call
+    it with the same tag."""
     return native.save_native(path, self.config, jax.tree.map(np.asarray, self.params),
-                              self.extras, self.tokenizer, overwrite=overwrite)
+                              self.extras, self.tokenizer, overwrite=overwrite, tag=tag)
 
   def export_hf(self, path: str, overwrite: bool = False) -> str:
     """A transformers save_pretrained-style dir (config.json + model.safetensors)."""

@@ -105,14 +105,15 @@ def cmd_caption(a):
   from blip_jax.caption import caption_files, expand_images
   kw = generation_kwargs(a)
   paths = expand_images(a.images)
+  if a.output:  # refused before the model is read
+    from blip_jax import fs
+    fs.check_output(a.output, a.overwrite, "--output")
   model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
   if model.tokenizer is None:
     sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
   if model.config.kind not in ("caption", "pretrain"):
     sys.exit(f"error: a {model.config.kind} model has no caption decoder; use a caption or pretraining checkpoint")
   if a.output:
-    from blip_jax import fs
-    fs.check_output(a.output, a.overwrite, "--output")
     tmp_output = fs.temp_sibling(a.output)
   out = fs.path(tmp_output).open("w") if a.output else sys.stdout
   done = failed = 0
@@ -175,6 +176,8 @@ def cmd_eval_retrieval(a):
   from blip_jax.tasks import retrieval as R
   if bool(a.videos) and a.image_root:
     sys.exit("error: give --image-root (images) or --videos (videos), not both")
+  from blip_jax import fs
+  fs.check_output(a.out, a.overwrite, "--out")
   gallery = R.read_gallery(a.annotations, a.videos or a.image_root, video=bool(a.videos))
   R.check_gallery(gallery, a.k)
   from blip_jax.train import launch
@@ -286,6 +289,7 @@ def build_parser():
   er.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 384)")
   er.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
   er.add_argument("--out", required=True, help="writes metrics.json, scores.npz, rankings.jsonl here")
+  er.add_argument("--overwrite", action="store_true", help="replace the files of an existing non-empty --out")
   er.add_argument("--batch-size", type=int, default=32, help="images per encoder call; ITM rows per call")
   er.add_argument("--texts-per-row", type=int, default=0, help="candidate texts sharing one image's keys/values "
                   "(default min(k, 64))")
@@ -358,6 +362,7 @@ def compile_main(argv):
   if fl.config is None or not fl.topology:
     _fail("usage: blip-jax compile --config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR]")
   os.environ["JAX_PLATFORMS"] = "cpu"  # the TPU compiler only: no TPU backend on this machine
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles at once: no TPU is held
   if fl.libtpu:
     sys.path.insert(0, fl.libtpu)
   import importlib.util

@@ -33,7 +33,12 @@ def to_pil(image: ImageLike) -> Image.Image:
   else:
     name = "<bytes>" if isinstance(image, bytes) else os.fspath(image)
     try:
-      img = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
+      if isinstance(image, bytes):
+        image = io.BytesIO(image)
+      elif "://" in str(image):  # gs://... through the one path layer
+        from blip_jax import fs
+        image = io.BytesIO(fs.path(image).read_bytes())
+      img = Image.open(image)
       img.load()  # decode now: truncated or corrupt files fail here, not later
       img = ImageOps.exif_transpose(img)
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for undecodable data

@@ -54,6 +54,12 @@ def test_caption_command(setup, vocab_path, capsys):
   good = [r for r in rows if "caption" in r]
   want = model.generate(model.preprocess([r["image"] for r in good]), num_beams=3, max_length=14)
   assert [r["caption"] for r in good] == want and all(want)
+  assert not [f for f in os.listdir(d) if ".tmp" in f]  # written through a temporary name, renamed
+  # an existing output is refused before the model is read, unless --overwrite
+  with pytest.raises(SystemExit) as e:
+    main(["caption", "--model", str(d / "nope"), "--output", str(out), str(d / "other.jpg")])
+  assert e.value.code == 2 and "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+  assert [json.loads(line) for line in out.read_text().splitlines()] == rows  # untouched
   # text format, several sampled captions per image, to stdout
   main(["caption", "--model", str(d / "model"), "--vocab", vocab_path, "--top-p", "0.9", "--num-captions", "2",
         "--max-length", "12", "--quiet", str(d / "other.jpg")])

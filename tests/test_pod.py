@@ -248,3 +248,16 @@ def test_train_data_errors_exit_2_with_one_line_naming_the_problem(tmp_path, cap
       assert len([l for l in err.splitlines() if l.startswith("error:")]) == 1
   finally:
     os.chdir(cwd)
+
+
+def test_ahead_of_time_compile_reports_the_sharded_memory():
+  """blip-jax compile's analysis (aot.analyze) on the 8 CPU devices, as it runs on a TPU topology's
+  abstract devices: with fsdp=8 the step's arguments per device (state + batch) are a fraction of
+  the unsharded state, and XLA reports the step's FLOPs."""
+  from blip_jax.train import aot
+  from pretrain_util import tiny_config
+  c = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8})
+  r = aot.analyze(c, jax.devices()[:8], hosts=1, hbm_bytes=2 ** 30, peak_flops=1e12)
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert 0 < r["arguments"] < 0.3 * r["state_bytes_unsharded"], r
+  assert r["temporaries"] > 0 and r["flops_per_device"] > 0 and r["fits"]

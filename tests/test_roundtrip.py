@@ -1,4 +1,6 @@
 """HF dir -> ours -> our Orbax dir -> HF dir -> transformers: nothing lost, no key missing or extra."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -47,3 +49,20 @@ def _tiny_params(kind):
   from blip_jax.models.init import _shapes
   import jax
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _shapes(blip_jax.tiny_config(kind)))
+
+
+def test_saves_are_whole_or_absent_and_never_overwrite_silently(tmp_path):
+  """Our format and the HF export: written under a temporary name and renamed; an existing
+  non-empty destination is refused unless overwrite=True, and then replaced whole."""
+  model = blip_jax.BlipModel(blip_jax.tiny_config("retrieval"), _tiny_params("retrieval"))
+  out = model.save(str(tmp_path / "m"))
+  assert sorted(os.listdir(tmp_path)) == ["m"]  # no temporary folder left
+  (tmp_path / "m" / "stale.txt").write_text("from an older save")
+  with pytest.raises(FileExistsError, match="pass --overwrite"):
+    model.save(out)
+  model.save(out, overwrite=True)
+  assert "stale.txt" not in os.listdir(out) and blip_jax.load(out).config == model.config
+  model.export_hf(str(tmp_path / "hf"))
+  with pytest.raises(FileExistsError, match="pass --overwrite"):
+    model.export_hf(str(tmp_path / "hf"))
+  assert sorted(os.listdir(tmp_path)) == ["hf", "m"]

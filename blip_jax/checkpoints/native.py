@@ -18,26 +18,43 @@ def is_native_dir(path: str) -> bool:
   return fs.path(path).is_dir() and fs.exists(fs.join(path, CONFIG_FILE))
 
 
-def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None, overwrite: bool = False) -> str:
+def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None, overwrite: bool = False,
+                tag: str | None = None) -> str:
   """Writes the model to a temporary folder next to `path` and renames it when complete: an
   interrupted save leaves no half-written model. An existing non-empty `path` is replaced only
-  with overwrite=True. `path` may be a URL (gs://...)."""
+  with overwrite=True. `path` may be a URL (gs://...). With several processes every process calls
+  this with the same `tag` (Orbax's save is collective); process 0 writes the rest and renames."""
+  import jax
   import orbax.checkpoint as ocp
   from blip_jax import fs
-  fs.check_output(path, overwrite, "model folder")
+  multi = jax.process_count() > 1
+  if multi and not tag:
+    raise ValueError("a save by several processes needs a tag shared by all of them")
   final = str(fs.path(path))
-  fs.makedirs(fs.path(final).parent)
-  tmp = fs.temp_sibling(final)
-  fs.makedirs(tmp)
+  lead = jax.process_index() == 0
+  tmp = fs.join(str(fs.path(final).parent), f".{fs.path(final).name}.tmp-{tag}") if tag else fs.temp_sibling(final)
+  if lead:
+    fs.check_output(path, overwrite, "model folder")
+    fs.makedirs(tmp)
+  _sync(multi, "native save start")
   state = {"params": params, "extras": extras or {}}
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(fs.join(tmp, "state"), state, force=True)
   ckptr.wait_until_finished()
-  if tokenizer is not None:
-    from blip_jax.tokenizers import save_tokenizer
-    save_tokenizer(tokenizer, fs.join(tmp, "tokenizer"))
-  fs.write_text(fs.join(tmp, CONFIG_FILE), cfg.to_json())  # last: its presence marks a complete model
-  return fs.publish(tmp, final)
+  if lead:
+    if tokenizer is not None:
+      from blip_jax.tokenizers import save_tokenizer
+      save_tokenizer(tokenizer, fs.join(tmp, "tokenizer"))
+    fs.write_text(fs.join(tmp, CONFIG_FILE), cfg.to_json())  # last: its presence marks a complete model
+    fs.publish(tmp, final)
+  _sync(multi, "native save done")
+  return final
+
+
+def _sync(multi: bool, name: str):
+  if multi:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def load_native(path: str):

@@ -423,28 +423,35 @@ def check_gallery(gallery: Gallery, k: int):
 
 
 def write_outputs(result: RetrievalResult, out_dir: str, top: int = 10) -> None:
-  """DIR/metrics.json, DIR/scores.npz, DIR/rankings.jsonl (each query's top `top`)."""
-  os.makedirs(out_dir, exist_ok=True)
+  """DIR/metrics.json, DIR/scores.npz, DIR/rankings.jsonl (each query's top `top`); DIR may be a
+  URL; each file appears whole (written through a temporary name)."""
+  import io
+  from blip_jax import fs
   g = result.gallery
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump({**result.metrics, "k": result.stats["k"], "items": len(g.items), "texts": len(g.texts),
-               "skipped_items": [{"path": p, "error": e} for p, e in result.skipped["items"]],
-               "skipped_blank_texts": result.skipped["blank_texts"],
-               "skipped_texts_of_skipped_items": result.skipped["texts_of_skipped_items"],
-               "stats": result.stats}, f, indent=2)
-  np.savez(os.path.join(out_dir, "scores.npz"), score_matrix_i2t=result.score_i2t,
-           score_matrix_t2i=result.score_t2i)
-  with open(os.path.join(out_dir, "rankings.jsonl"), "w") as f:
-    for i, row in enumerate(result.score_i2t):
-      best = np.argsort(row)[::-1][:top]
-      f.write(json.dumps({"direction": "i2t", "query": g.items[i], "ground_truth": g.img2txt[i],
-                          "top": [{"text": int(t), "caption": g.texts[t], "score": float(row[t]),
-                                   "correct": int(t) in g.img2txt[i]} for t in best]}) + "\n")
-    for t, row in enumerate(result.score_t2i):
-      best = np.argsort(row)[::-1][:top]
-      f.write(json.dumps({"direction": "t2i", "query": g.texts[t], "ground_truth": int(g.txt2img[t]),
-                          "top": [{"item": int(i), "path": g.items[i], "score": float(row[i]),
-                                   "correct": int(i) == int(g.txt2img[t])} for i in best]}) + "\n")
+  fs.write_json(fs.join(out_dir, "metrics.json"), {
+      **result.metrics, "k": result.stats["k"], "items": len(g.items), "texts": len(g.texts),
+      "skipped_items": [{"path": p, "error": e} for p, e in result.skipped["items"]],
+      "skipped_blank_texts": result.skipped["blank_texts"],
+      "skipped_texts_of_skipped_items": result.skipped["texts_of_skipped_items"],
+      "stats": result.stats}, indent=2)
+  buf = io.BytesIO()
+  np.savez(buf, score_matrix_i2t=result.score_i2t, score_matrix_t2i=result.score_t2i)
+  final = fs.join(out_dir, "scores.npz")
+  tmp = fs.temp_sibling(final)
+  fs.path(tmp).write_bytes(buf.getvalue())
+  fs.publish(tmp, final)
+  lines = []
+  for i, row in enumerate(result.score_i2t):
+    best = np.argsort(row)[::-1][:top]
+    lines.append(json.dumps({"direction": "i2t", "query": g.items[i], "ground_truth": g.img2txt[i],
+                             "top": [{"text": int(t), "caption": g.texts[t], "score": float(row[t]),
+                                      "correct": int(t) in g.img2txt[i]} for t in best]}))
+  for t, row in enumerate(result.score_t2i):
+    best = np.argsort(row)[::-1][:top]
+    lines.append(json.dumps({"direction": "t2i", "query": g.texts[t], "ground_truth": int(g.txt2img[t]),
+                             "top": [{"item": int(i), "path": g.items[i], "score": float(row[i]),
+                                      "correct": int(i) == int(g.txt2img[t])} for i in best]}))
+  fs.write_text(fs.join(out_dir, "rankings.jsonl"), "\n".join(lines) + "\n")
 
 
 def format_metrics(m: dict) -> str:

@@ -296,7 +296,7 @@ def train(c, workdir: str):
     if improved:
       best = {"step": step, "epoch": epoch, "metric": task.select, "value": eval_metrics[task.select],
               "metrics": eval_metrics}
-      model.save(best_dir, overwrite=True)
+      model.save(best_dir, overwrite=True, tag=f"step{step}")
     if jax.process_index() == 0:
       metrics_log.append({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
       if improved:
