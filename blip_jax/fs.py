@@ -81,7 +81,9 @@ def temp_sibling(p) -> str:
 def publish(tmp, final) -> str:
   """Moves a completed temporary folder or file to its final name, replacing what was there."""
   tmp, final = path(tmp), path(final)
-  if final.exists():
+  if not tmp.is_dir():
+    tmp.replace(final)  # a file: one atomic rename on POSIX file systems
+  elif final.exists():
     old = _tmp_name(final)
     final.rename(old)
     tmp.rename(final)

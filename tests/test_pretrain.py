@@ -67,8 +67,10 @@ def test_two_processes_equal_one_process(tmp_path):
   np.testing.assert_allclose(multi["losses"], ref["losses"], atol=1e-5)
   got, want = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "single.npz")
   assert set(got.files) == set(want.files) and len(got.files) > 50
-  for k in want.files:  # every parameter, every value
-    np.testing.assert_allclose(got[k], want[k], rtol=0, atol=2e-6, err_msg=k)
+  # every parameter, every value. Not bitwise: the processes reduce gradients in another order
+  # (a first differing leaf showed 3e-12); 1e-7 is one float32 ulp at 1 and 1% of one Adam step at lr 1e-5.
+  diff = {k: float(np.abs(got[k] - want[k]).max()) for k in want.files}
+  assert max(diff.values()) <= 1e-7, sorted(diff.items(), key=lambda kv: -kv[1])[:3]
   assert json.load(open(tmp_path / "p1.json"))["losses"] == multi["losses"]
 
 
