@@ -312,15 +312,8 @@ def check_settings(out_dir: str, source, settings: CapFiltSettings):
   settings = {**dataclasses.asdict(settings), "format": source.ext, "input_shards": source.num_shards,
               "images_per_shard": getattr(source, "per_shard", None),  # JSON input
               "batch_rows": DataParallel().round_batch(settings.batch_size)}  # the rows decide the samples
-  path = fs.join(out_dir, "capfilt_settings.json")
-  if fs.exists(path):
-    old = fs.read_json(path)
-    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if diff:
-      raise ValueError(f"{out_dir} holds a CapFilt run with other settings (was, now): {diff}; "
-                       "use another output folder or the same settings to resume")
-  elif jax.process_index() == 0:
-    fs.write_json(path, settings)
+  fs.resume_settings(fs.join(out_dir, "capfilt_settings.json"), settings, "a CapFilt run",
+                     write=jax.process_index() == 0)
 
 
 def finish(out_dir: str, source, settings: CapFiltSettings) -> dict:

@@ -322,19 +322,28 @@ def _fail(e):
   sys.exit(2)
 
 
-def train_main(argv):
-  """`blip-jax train --config=configs/pretrain.py:VARIANT --workdir=DIR [--config.key=value ...]`."""
+def _config_flags(command: str, argv, strings: dict, required: tuple, usage: str):
+  """--config=FILE:VARIANT with --config.key=value overrides (ml_collections), plus string flags
+  {name: help}; a bad flag or a missing required one exits 2 naming it."""
   from absl import flags
   from ml_collections import config_flags
   fl = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "config file:variant", flag_values=fl, lock_config=True)
-  flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard and metrics go here", flag_values=fl)
+  for name, help_ in strings.items():
+    flags.DEFINE_string(name, None if name in required else "", help_, flag_values=fl)
   try:
-    fl(["blip-jax train"] + argv)
+    fl([f"blip-jax {command}"] + argv)
   except (flags.Error, KeyError, AttributeError, ValueError) as e:
     _fail(e)
-  if fl.config is None or not fl.workdir:
-    _fail("usage: blip-jax train --config=configs/<task>.py:VARIANT --workdir=DIR [--config.key=value ...]")
+  if fl.config is None or not all(getattr(fl, r) for r in required):
+    _fail(f"usage: {usage}")
+  return fl
+
+
+def train_main(argv):
+  """`blip-jax train --config=configs/pretrain.py:VARIANT --workdir=DIR [--config.key=value ...]`."""
+  fl = _config_flags("train", argv, {"workdir": "checkpoints, TensorBoard and metrics go here (local or gs://)"},
+                     ("workdir",), "blip-jax train --config=configs/<task>.py:VARIANT --workdir=DIR [--config.key=value ...]")
   from blip_jax.train import launch
   launch.maybe_initialize_distributed()
   from blip_jax.train.trainer import ConfigError, train
@@ -347,20 +356,11 @@ def train_main(argv):
 def compile_main(argv):
   """`blip-jax compile --config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR] [--config.k=v]`:
   per-device memory and FLOPs of the sharded train step on a TPU topology, compiled here."""
-  from absl import flags
-  from ml_collections import config_flags
-  fl = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file:variant", flag_values=fl, lock_config=True)
-  flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-64, v5e-256", flag_values=fl)
-  flags.DEFINE_string("libtpu", "", "folder holding the libtpu package (pip install --target DIR libtpu)",
-                      flag_values=fl)
-  flags.DEFINE_string("json", "", "also write the figures to this JSON file", flag_values=fl)
-  try:
-    fl(["blip-jax compile"] + argv)
-  except (flags.Error, KeyError, AttributeError, ValueError) as e:
-    _fail(e)
-  if fl.config is None or not fl.topology:
-    _fail("usage: blip-jax compile --config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR]")
+  fl = _config_flags("compile", argv, {"topology": "TPU slice, e.g. v4-64, v5e-256",
+                                       "libtpu": "folder holding the libtpu package (pip install --target DIR libtpu)",
+                                       "json": "also write the figures to this JSON file"},
+                     ("topology",), "blip-jax compile --config=configs/pretrain.py:VARIANT --topology=v5e-256 "
+                     "[--libtpu DIR]")
   os.environ["JAX_PLATFORMS"] = "cpu"  # the TPU compiler only: no TPU backend on this machine
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles at once: no TPU is held
   if fl.libtpu:

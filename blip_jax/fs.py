@@ -93,6 +93,19 @@ def publish(tmp, final) -> str:
   return str(final)
 
 
+def resume_settings(p, settings: dict, what: str, write: bool = True) -> None:
+  """A resumable output's settings: recorded at its first run (when `write`); a rerun with other
+  settings is refused, naming them (its output would mix two runs)."""
+  if exists(p):
+    old = read_json(p)
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if diff:
+      raise ValueError(f"{path(p).parent} holds {what} made with other settings (was, now): {diff}; use another "
+                       "output folder, or the same settings to resume")
+  elif write:
+    write_json(p, settings)
+
+
 class JsonLines:
   """An append-only JSON-lines log (metrics.jsonl). Object stores have no append: a URL's file is
   rewritten whole (through a temporary name) on each flush; a local file is appended to."""

@@ -53,15 +53,7 @@ def make_shards(annotations: list[str], image_root: str, out_dir: str, per_shard
   entries = read_entries(annotations)
   settings = {"annotations": [str(fs.path(a)) for a in annotations], "image_root": str(fs.path(image_root)) if image_root else "",
               "per_shard": per_shard, "entries": len(entries)}
-  path = fs.join(out_dir, SETTINGS)
-  if fs.exists(path):
-    old = fs.read_json(path)
-    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if diff:
-      raise ValueError(f"{out_dir} holds shards made with other settings (was, now): {diff}; use another "
-                       "output folder, or the same settings to resume")
-  else:
-    fs.write_json(path, settings)
+  fs.resume_settings(fs.join(out_dir, SETTINGS), settings, "shards")
   # one slice per shard (O(N) overall), entry numbers kept for the default keys
   jobs = [(out_dir, i, s, entries[s:s + per_shard], image_root) for i, s in enumerate(range(0, len(entries), per_shard))]
   from tqdm import tqdm

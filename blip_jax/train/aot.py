@@ -12,9 +12,7 @@ would then try to start a TPU backend): `pip install --target DIR "libtpu==0.0.4
 from __future__ import annotations
 
 import dataclasses
-import math
 
-import numpy as np
 
 GiB = 1024 ** 3
 
@@ -54,23 +52,6 @@ def topology_devices(name: str):
   return topologies.get_topology_desc(**kw).devices
 
 
-def mesh_for(c, devices):
-  """The config's mesh (one axis may be -1) over the given devices."""
-  from jax.sharding import Mesh
-  from blip_jax.train.trainer import ConfigError
-  n = len(devices)
-  shape = {k: int(v) for k, v in c.mesh.items()}
-  free = [k for k, v in shape.items() if v == -1]
-  known = math.prod(v for v in shape.values() if v != -1)
-  if len(free) > 1 or n % known:
-    raise ConfigError(f"mesh {shape} does not fit {n} devices (at most one axis may be -1)")
-  if free:
-    shape[free[0]] = n // known
-  if math.prod(shape.values()) != n:
-    raise ConfigError(f"mesh {shape} uses {math.prod(shape.values())} devices, but the topology has {n}")
-  return Mesh(np.array(devices).reshape(tuple(shape.values())), tuple(shape))
-
-
 def compile_step(c, topology: str, steps_per_epoch: int = 10_000) -> dict:
   """Compiles the config's train step for a TPU topology; returns memory (bytes per device),
   FLOPs per step and the step time at peak."""
@@ -87,8 +68,8 @@ def analyze(c, devices, hosts: int, hbm_bytes: int, peak_flops: float, steps_per
   of a topology, or real ones) without running it; XLA's memory and cost analyses per device."""
   import jax
   import jax.numpy as jnp
-  from blip_jax.train.trainer import build, check_batch, model_config
-  mesh = mesh_for(c, devices)
+  from blip_jax.train.trainer import build, check_batch, make_mesh, model_config
+  mesh = make_mesh(c, devices)
   check_batch(c, mesh, processes=hosts)
   mcfg = model_config(c)
   total = c.total_steps if c.total_steps > 0 else c.epochs * steps_per_epoch

@@ -47,9 +47,12 @@ def model_config(c, tokenizer=None):
                     embed_dim=m.embed_dim, dtype=m.dtype)
 
 
-def make_mesh(c):
-  from jax.sharding import AxisType
-  n = jax.device_count()
+def make_mesh(c, devices=None):
+  """The config's mesh (at most one axis -1: the rest) over `devices` (default: all of this run's;
+  or the abstract devices of a TPU topology, train/aot.py)."""
+  from jax.sharding import AxisType, Mesh
+  devices = jax.devices() if devices is None else list(devices)
+  n = len(devices)
   shape = {k: int(v) for k, v in c.mesh.items()}
   free = [k for k, v in shape.items() if v == -1]
   known = math.prod(v for v in shape.values() if v != -1)
@@ -60,7 +63,9 @@ def make_mesh(c):
   if math.prod(shape.values()) != n:
     raise ConfigError(f"mesh {shape} uses {math.prod(shape.values())} devices, but there are {n}")
   names = tuple(shape)
-  return jax.make_mesh(tuple(shape[k] for k in names), names, axis_types=(AxisType.Auto,) * len(names))
+  if devices == jax.devices():
+    return jax.make_mesh(tuple(shape[k] for k in names), names, axis_types=(AxisType.Auto,) * len(names))
+  return Mesh(np.array(devices).reshape(tuple(shape[k] for k in names)), names)
 
 
 def check_batch(c, mesh, processes: int | None = None):
