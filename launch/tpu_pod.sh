@@ -4,7 +4,9 @@
 #     --config.data.source.kind=tfrecord --config.data.source.files='gs://bucket/laion/*.tfrecord' \
 #     --config.steps_per_epoch=20000 --config.mesh.fsdp=4
 # The workdir must be a gs:// path (or other storage every worker sees). jax.distributed initialises
-# itself on TPU pods.
+# itself on TPU pods. Check the memory first, on any machine (README "Memory before launch"):
+#   blip-jax compile --config=configs/pretrain.py:vit_b --topology=v4-32 --libtpu=DIR [same overrides]
+# A preempted slice saves the same step on every worker; rerun this script to resume.
 set -euo pipefail
 NAME=${1:?tpu name}; ZONE=${2:?zone}; TYPE=${3:?accelerator type, e.g. v4-32}; CONFIG=${4:?config}; WORKDIR=${5:?workdir}
 shift 5

@@ -75,7 +75,12 @@ def check_batch(c, mesh, processes: int | None = None):
   shards = mesh.shape["data"] * mesh.shape.get("fsdp", 1)
   problems = []
   if g % shards:
-    problems.append(f"batch_size {g} is not divisible by the data-parallel size {shards} (mesh data x fsdp)")
+    q = c.loss.queue_size
+    fit = [b for b in range(shards, 2 * g + shards, shards) if q % b == 0 and b % processes == 0]
+    near = sorted(fit, key=lambda b: abs(b - g))[:2]
+    problems.append(f"batch_size {g} is not divisible by the data-parallel size {shards} (mesh data x fsdp)"
+                    + (f"; batches near it that also divide loss.queue_size {q}: {', '.join(map(str, sorted(near)))}"
+                       if near else ""))
   if g % processes:
     problems.append(f"batch_size {g} is not divisible by the {processes} processes")
   if c.optim.grad_accum > 1 and (g % c.optim.grad_accum or (g // c.optim.grad_accum) % shards):
