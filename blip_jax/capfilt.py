@@ -371,6 +371,4 @@ def histogram_png(report: dict, threshold: float, path: str, width: int = 720, h
   import io
   buf = io.BytesIO()
   img.save(buf, format="PNG")
-  tmp = fs.temp_sibling(path)
-  fs.path(tmp).write_bytes(buf.getvalue())
-  fs.publish(tmp, path)
+  fs.write_bytes(path, buf.getvalue())

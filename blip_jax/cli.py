@@ -46,8 +46,7 @@ def cmd_convert(a):
   if a.to == "hf":
     out = model.export_hf(a.dst, overwrite=a.overwrite)
     if model.tokenizer is not None and model.tokenizer.kind == "bert":
-      from blip_jax import fs
-      fs.path(fs.join(out, "vocab.txt")).write_bytes(fs.path(model.tokenizer.vocab_file).read_bytes())
+      model.tokenizer.save(out)  # vocab.txt, as transformers' processor dirs hold it
   else:
     out = model.save(a.dst, overwrite=a.overwrite)
   c = model.config

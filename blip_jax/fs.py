@@ -49,10 +49,15 @@ def _tmp_name(p: epath.Path) -> epath.Path:
 
 def write_text(p, text: str) -> str:
   """Writes `text` to p through a temporary name: readers see the old file or the whole new one."""
+  return write_bytes(p, text.encode("utf-8"))
+
+
+def write_bytes(p, data: bytes) -> str:
+  """As write_text, for bytes."""
   p = path(p)
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = _tmp_name(p)
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   tmp.replace(p)
   return str(p)
 

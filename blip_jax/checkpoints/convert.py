@@ -257,6 +257,6 @@ def export_hf(params: dict, cfg: BlipConfig, out_dir: str, overwrite: bool = Fal
   tmp = fs.temp_sibling(out_dir)
   fs.makedirs(tmp)
   sd = to_state_dict(params, mapping.hf_table(cfg))
-  fs.path(fs.join(tmp, "model.safetensors")).write_bytes(save(sd, metadata={"format": "pt"}))
+  fs.write_bytes(fs.join(tmp, "model.safetensors"), save(sd, metadata={"format": "pt"}))
   fs.write_json(fs.join(tmp, "config.json"), hf_config_dict(cfg), indent=2)
   return fs.publish(tmp, out_dir)

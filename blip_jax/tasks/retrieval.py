@@ -436,10 +436,7 @@ def write_outputs(result: RetrievalResult, out_dir: str, top: int = 10) -> None:
       "stats": result.stats}, indent=2)
   buf = io.BytesIO()
   np.savez(buf, score_matrix_i2t=result.score_i2t, score_matrix_t2i=result.score_t2i)
-  final = fs.join(out_dir, "scores.npz")
-  tmp = fs.temp_sibling(final)
-  fs.path(tmp).write_bytes(buf.getvalue())
-  fs.publish(tmp, final)
+  fs.write_bytes(fs.join(out_dir, "scores.npz"), buf.getvalue())
   lines = []
   for i, row in enumerate(result.score_i2t):
     best = np.argsort(row)[::-1][:top]

@@ -189,10 +189,7 @@ def _tokenizer(c, workdir, source):
           f.write("\n".join(source.eval_texts()[0]))
         local = train_sentencepiece(corpus, os.path.join(tmp, "spm"), vocab_size=t.vocab_size)
         with open(local, "rb") as f:
-          fs.makedirs(fs.join(workdir, "tokenizer"))
-          tmp_path = fs.temp_sibling(path)
-          fs.path(tmp_path).write_bytes(f.read())
-          fs.publish(tmp_path, path)
+          fs.write_bytes(path, f.read())
     _sync("tokenizer")
     return SentencePieceTokenizer(path)
   raise ConfigError(f"tokenizer.type must be 'bert' or 'sentencepiece', got {t.type!r}")
@@ -268,13 +265,12 @@ def train(c, workdir: str):
                            "image_id": split_ids(b["image_id"])}
   batches = prefetch_to_device(host_batches(), batch_sharding, size=c.data.pipeline.prefetch)
   data_state = pipe.state()
-  n_local = host_batch
 
   def stop_flags():
     """This host's stop request as its rows of a global [batch] array; the step reduces it to one
     value every host reads, so all hosts stop after the same step."""
-    return jax.make_array_from_process_local_data(batch_sharding, np.full((n_local,), int(stopper.signal is not None),
-                                                                          np.int32))
+    return jax.make_array_from_process_local_data(
+        batch_sharding, np.full((host_batch,), int(stopper.signal is not None), np.int32))
 
   def save(step, wait=False):
     meta = {"data": data_state, "step": step, "host_data": _all_hosts(data_state)}
@@ -283,10 +279,15 @@ def train(c, workdir: str):
     if wait:
       mngr.wait_until_finished()
 
-  def stop_nonfinite(bad):
-    mngr.wait_until_finished()
-    raise FloatingPointError(f"non-finite loss at step {bad + 1}; stopped. The last good checkpoint "
-                             f"(step {mngr.latest_step()}) is kept in {workdir}/checkpoints")
+  def read_control(m) -> bool:
+    """A step's (stop, nonfinite_step), the same on every host: stops the run on a non-finite loss
+    (the step has kept the state at the last good step since); True when any host asked to stop."""
+    stop, bad = (int(x) for x in jax.device_get((m["stop"], m["nonfinite_step"])))
+    if bad >= 0:
+      mngr.wait_until_finished()
+      raise FloatingPointError(f"non-finite loss at step {bad + 1}; stopped. The last good checkpoint "
+                               f"(step {mngr.latest_step()}) is kept in {workdir}/checkpoints")
+    return bool(stop)
 
   best = _read_best(workdir)
   eval_metrics = {}
@@ -318,7 +319,7 @@ def train(c, workdir: str):
   step = int(state["step"])
   t_last, n_last, metrics = time.time(), step, {}
   history = []
-  pending = None  # the previous step's control values, read one step late so the host never waits
+  previous = None  # the previous step's metrics: its control values are read one step late
   while step < total_steps:
     try:
       data_state, batch = next(batches)
@@ -332,17 +333,10 @@ def train(c, workdir: str):
     # Control, every step: the previous step has finished by now (this one is queued behind it),
     # so reading its two scalars does not stall the devices. The values are global: every host
     # takes the same decision at the same step.
-    stop_now = False
-    if pending is not None:
-      stop_prev, bad = (int(x) for x in jax.device_get(pending))
-      if bad >= 0:  # the state has stayed at the last good step since (the step freezes it)
-        stop_nonfinite(bad)
-      stop_now = bool(stop_prev)
-    pending = (m["stop"], m["nonfinite_step"])
+    stop_now = read_control(previous) if previous is not None else False
+    previous = m
     if step == total_steps:
-      stop_prev, bad = (int(x) for x in jax.device_get(pending))
-      if bad >= 0:
-        stop_nonfinite(bad)
+      read_control(m)
     if step % c.log_every == 0 or step == total_steps or stop_now:
       metrics = {k: float(v) for k, v in m.items() if k not in ("stop", "nonfinite_step")}
       dt = time.time() - t_last
@@ -362,9 +356,7 @@ def train(c, workdir: str):
               flush=True)
       t_last, n_last = time.time(), step
     if stop_now:
-      bad = int(state["nonfinite_step"])
-      if bad >= 0:
-        stop_nonfinite(bad)
+      read_control(m)  # this step's loss is finite: its state may be saved
       save(step, wait=True)
       who = f"signal {stopper.signal}" if stopper.signal else "another host's signal"
       print(f"{who}: saved checkpoint at step {step}; exiting", flush=True)
@@ -373,9 +365,7 @@ def train(c, workdir: str):
     epoch_end = task.evaluate is not None and (step % (steps_per_epoch * c.eval.every_epochs) == 0
                                                or step == total_steps)
     if step % c.checkpoint_every == 0 or step == total_steps or epoch_end:
-      bad = int(state["nonfinite_step"])
-      if bad >= 0:
-        stop_nonfinite(bad)
+      read_control(m)  # only good steps are saved (a save waits for the step anyway)
       save(step)
     if epoch_end:
       evaluate_epoch(step)
