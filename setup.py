@@ -9,8 +9,9 @@ setup(
     # Exact pins live in requirements.txt / constraints.txt (README's install command uses them).
     install_requires=[
         "jax", "flax", "optax", "orbax-checkpoint", "numpy", "pillow", "safetensors", "tqdm",
-        "ml-collections", "absl-py", "sentencepiece",
+        "ml-collections", "absl-py", "sentencepiece", "etils",
     ],
-    extras_require={"torch": ["torch", "transformers"], "video": ["av"]},
+    # tpu-compile: `blip-jax compile` (install it apart from a CPU/GPU training env, README)
+    extras_require={"torch": ["torch", "transformers"], "video": ["av"], "tpu-compile": ["libtpu==0.0.42.*"]},
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )
