@@ -202,7 +202,10 @@ def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = N
   vocab:      a bert-base-uncased vocab.txt for the tokenizer, when the checkpoint has none.
   strict:     False allows missing / mis-shaped keys (those params are then absent).
   """
+  from blip_jax import fs
   from blip_jax.tokenizers import BertTokenizer, load_tokenizer_dir
+  if fs.is_url(path) and not native.is_native_dir(path):  # ours reads URLs itself (Orbax)
+    path = fs.local_copy(path)
   fmt = detect_format(path)
   extras = {}
   if fmt == "native":

@@ -132,12 +132,19 @@ class JsonLines:
 
 
 def local_copy(p, cache_dir: str | None = None) -> str:
-  """A local file with p's bytes (libraries that only open local files: sentencepiece)."""
+  """A local file or folder with p's contents (readers that open only local paths: torch.load,
+  transformers-style dirs); p itself when it is local."""
   if not is_url(p):
     return str(path(p))
   import tempfile
-  d = cache_dir or tempfile.mkdtemp(prefix="blip_jax_")
-  out = os.path.join(d, path(p).name)
-  with open(out, "wb") as f:
-    f.write(path(p).read_bytes())
+  src = path(p)
+  out = os.path.join(cache_dir or tempfile.mkdtemp(prefix="blip_jax_"), src.name)
+  def walk(d):  # object stores forbid recursive globs
+    for f in d.iterdir():
+      yield from walk(f) if f.is_dir() else [f]
+  for f in (walk(src) if src.is_dir() else [src]):
+    dst = os.path.join(out, str(f.relative_to(src))) if src.is_dir() else out
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with open(dst, "wb") as h:
+      h.write(f.read_bytes())
   return out

@@ -12,7 +12,8 @@ import shutil
 import sys
 
 
-def install(root: str) -> None:
+def install(root: str):
+  """Installs the stand-in; returns a function that removes it."""
   from etils.epath import backend as B
   from etils.epath import gpath
 
@@ -72,6 +73,7 @@ def install(root: str) -> None:
   gpath._GPath._backend = property(lambda self: bucket if self._uri_scheme == "gs" else plain.fget(self))  # noqa: SLF001
 
   from orbax.checkpoint._src.path import gcs_utils
+  saved = {n: getattr(gcs_utils, n) for n in ("get_kvstore_for_gcs", "rmtree", "is_hierarchical_namespace_enabled")}
   gcs_utils.get_kvstore_for_gcs = lambda p: {"driver": "file", "path": local(p)}
   gcs_utils.rmtree = lambda p, missing_ok=False: shutil.rmtree(local(p), ignore_errors=missing_ok)
   gcs_utils.is_hierarchical_namespace_enabled = lambda p: False
@@ -79,6 +81,13 @@ def install(root: str) -> None:
   from clu import metric_writers
   make = metric_writers.create_default_writer
   metric_writers.create_default_writer = lambda logdir=None, **k: make(local(logdir) if logdir else logdir, **k)
+
+  def uninstall():
+    gpath._GPath._backend = plain  # noqa: SLF001
+    for n, f in saved.items():
+      setattr(gcs_utils, n, f)
+    metric_writers.create_default_writer = make
+  return uninstall
 
 
 if __name__ == "__main__":

@@ -535,10 +535,11 @@ def _initialise_from(c, mcfg, state, shardings):
     params, extras = jax.tree.map(np.asarray, m.params), m.extras
     if m.config.kind != mcfg.kind:  # our or a transformers checkpoint of another kind
       params, extras = _retarget(params, extras, m.config.kind, mcfg.kind, init.blip)
+  from blip_jax import fs
   if init.deit:
-    params = load_vit_into(params, mcfg, init.deit)
+    params = load_vit_into(params, mcfg, fs.local_copy(init.deit))
   if init.bert:
-    params = load_bert_into(params, mcfg, init.bert)
+    params = load_bert_into(params, mcfg, fs.local_copy(init.bert))
   new = dict(state)
   new["params"] = params
   new["momentum"] = extras.get("momentum") or jax.tree.map(np.copy, momentum_view(params))
