@@ -293,9 +293,8 @@ def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progre
       stats["process"] = jax.process_index()
       fs.write_json(_stats_path(shard_dir, i), stats, indent=None)  # the shard is done
       bar.set_postfix(shards_done=f"{len(mine) - len(todo) + done + 1}/{len(mine)}")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("capfilt shards done")
+  from blip_jax.train.launch import sync_hosts
+  sync_hosts("capfilt shards done")
   if jax.process_index() != 0:
     return {}
   return finish(out_dir, source, settings)

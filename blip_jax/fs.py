@@ -43,8 +43,8 @@ def read_json(p):
   return json.loads(read_text(p))
 
 
-def _tmp_name(p: epath.Path) -> epath.Path:
-  return p.parent / f".{p.name}.tmp-{uuid.uuid4().hex[:8]}"
+def _tmp_name(p: epath.Path, tag: str | None = None) -> epath.Path:
+  return p.parent / f".{p.name}.tmp-{tag or uuid.uuid4().hex[:8]}"
 
 
 def write_text(p, text: str) -> str:
@@ -78,9 +78,10 @@ def check_output(p, overwrite: bool, what: str = "output") -> None:
     raise FileExistsError(f"{what} {p} exists and is not empty; pass --overwrite to replace it")
 
 
-def temp_sibling(p) -> str:
-  """A fresh temporary name next to p (a folder or file written there is then `publish`ed)."""
-  return str(_tmp_name(path(p)))
+def temp_sibling(p, tag: str | None = None) -> str:
+  """A temporary name next to p (a folder or file written there is then `publish`ed): fresh, or
+  the same for every process given the same tag."""
+  return str(_tmp_name(path(p), tag))
 
 
 def publish(tmp, final) -> str:
@@ -131,14 +132,14 @@ class JsonLines:
       write_text(self.path, "\n".join(self._lines) + "\n")
 
 
-def local_copy(p, cache_dir: str | None = None) -> str:
+def local_copy(p) -> str:
   """A local file or folder with p's contents (readers that open only local paths: torch.load,
   transformers-style dirs); p itself when it is local."""
   if not is_url(p):
     return str(path(p))
   import tempfile
   src = path(p)
-  out = os.path.join(cache_dir or tempfile.mkdtemp(prefix="blip_jax_"), src.name)
+  out = os.path.join(tempfile.mkdtemp(prefix="blip_jax_"), src.name)
   def walk(d):  # object stores forbid recursive globs
     for f in d.iterdir():
       yield from walk(f) if f.is_dir() else [f]

@@ -27,16 +27,16 @@ def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None,
   import jax
   import orbax.checkpoint as ocp
   from blip_jax import fs
-  multi = jax.process_count() > 1
-  if multi and not tag:
+  from blip_jax.train.launch import sync_hosts
+  if jax.process_count() > 1 and not tag:
     raise ValueError("a save by several processes needs a tag shared by all of them")
   final = str(fs.path(path))
   lead = jax.process_index() == 0
-  tmp = fs.join(str(fs.path(final).parent), f".{fs.path(final).name}.tmp-{tag}") if tag else fs.temp_sibling(final)
+  tmp = fs.temp_sibling(final, tag)
   if lead:
     fs.check_output(path, overwrite, "model folder")
     fs.makedirs(tmp)
-  _sync(multi, "native save start")
+  sync_hosts("native save start")
   state = {"params": params, "extras": extras or {}}
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(fs.join(tmp, "state"), state, force=True)
@@ -47,14 +47,8 @@ def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None,
       save_tokenizer(tokenizer, fs.join(tmp, "tokenizer"))
     fs.write_text(fs.join(tmp, CONFIG_FILE), cfg.to_json())  # last: its presence marks a complete model
     fs.publish(tmp, final)
-  _sync(multi, "native save done")
+  sync_hosts("native save done")
   return final
-
-
-def _sync(multi: bool, name: str):
-  if multi:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def load_native(path: str):

@@ -13,3 +13,11 @@ def maybe_initialize_distributed():
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()  # cluster auto-detection (SLURM, TPU pod)
+
+
+def sync_hosts(name: str) -> None:
+  """A barrier of all processes (nothing with one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

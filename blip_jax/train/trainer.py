@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip_jax.train.launch import sync_hosts
+
 log = logging.getLogger("blip_jax.train")
 
 
@@ -190,7 +192,7 @@ def _tokenizer(c, workdir, source):
         local = train_sentencepiece(corpus, os.path.join(tmp, "spm"), vocab_size=t.vocab_size)
         with open(local, "rb") as f:
           fs.write_bytes(path, f.read())
-    _sync("tokenizer")
+    sync_hosts("tokenizer")
     return SentencePieceTokenizer(path)
   raise ConfigError(f"tokenizer.type must be 'bert' or 'sentencepiece', got {t.type!r}")
 
@@ -389,12 +391,6 @@ def _all_hosts(data_state: dict) -> list:
   return [dict(zip(keys, (int(v) for v in row))) for row in np.asarray(rows).reshape(jax.process_count(), -1)]
 
 
-def _sync(name: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 def _checkpoint_manager(workdir, keep):
   import orbax.checkpoint as ocp
   from blip_jax import fs
@@ -425,11 +421,11 @@ def _restore_latest(mngr, workdir, abstract, keep):
       aside = fs.join(workdir, "checkpoints_unreadable", f"{latest}-{int(time.time())}")
       print(f"warning: checkpoint step {latest} does not restore ({type(e).__name__}: {first}); moved to "
             f"{aside}; trying the next older one", file=sys.stderr, flush=True)
-      _sync(f"restore failed {latest}")
+      sync_hosts(f"restore failed {latest}")
       if jax.process_index() == 0:
         fs.makedirs(fs.join(workdir, "checkpoints_unreadable"))
         fs.path(fs.join(workdir, "checkpoints", str(latest))).rename(fs.path(aside))
-      _sync(f"set aside {latest}")
+      sync_hosts(f"set aside {latest}")
       mngr.close()
       mngr = _checkpoint_manager(workdir, keep)
 
@@ -461,7 +457,7 @@ def check_run_config(c, workdir):
   allowed = {k.strip() for k in str(c.get("allow_changes", "")).split(",") if k.strip()}
   differ = sorted(k for k in set(now) | set(stored) if now.get(k, "<absent>") != stored.get(k, "<absent>")
                   and not k.startswith(_FREE_KEYS))
-  fixed = [k for k in differ if k.startswith(_FIXED_KEYS) or k in _FIXED_KEYS]
+  fixed = [k for k in differ if k.startswith(_FIXED_KEYS)]
   unlisted = [k for k in differ if k not in fixed and not any(k == a or k.startswith(a + ".") for a in allowed)]
   show = lambda ks: "; ".join(f"{k}: {stored.get(k, '<absent>')!r} -> {now.get(k, '<absent>')!r}" for k in ks)
   if fixed:
@@ -477,10 +473,10 @@ def check_run_config(c, workdir):
 def store_run_config(c, workdir):
   """config.json: the resolved config this workdir's run uses (process 0 writes it)."""
   from blip_jax import fs
-  _sync("config checked")  # every host has compared before process 0 writes
+  sync_hosts("config checked")  # every host has compared before process 0 writes
   if jax.process_index() == 0:
     fs.write_json(fs.join(workdir, "config.json"), json.loads(c.to_json_best_effort()), indent=2)
-  _sync("config stored")
+  sync_hosts("config stored")
 
 
 def _host_params(params, mesh):
