@@ -111,13 +111,14 @@ class BlipModel:
   def generate(self, pixels, prompt: str = "a picture of ", max_length: int = 20, min_length: int = 5, *,
                num_beams: int = 1, top_p: Optional[float] = None, top_k: int = 0, temperature: float = 1.0,
                repetition_penalty: float = 1.0, length_penalty: float = 1.0, num_captions: int = 1,
-               seed: int = 0):
+               seed: int = 0, length_normalization: str = "official"):
     """Captions: greedy (default), beam search (num_beams > 1) or nucleus sampling (top_p).
 
     max/min_length count the prompt's tokens and [DEC], as the official code counts them (the
     official COCO setting: num_beams=3, max_length=20, min_length=5); the prompt is stripped from
     the text. num_captions > 1 (the best beams, or independent samples) returns a list of lists.
-    Sampling is deterministic for a seed.
+    Sampling is deterministic for a seed. length_normalization: beam scores as transformers 4.15,
+    which the paper's run used ("official"), or as current transformers ("transformers").
     """
     from blip_jax.models import generate as gen
     self._require("decoder", self.config.kind in ("pretrain", "caption"))
@@ -132,7 +133,8 @@ class BlipModel:
     kw = dict(max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
     if num_beams > 1:
       tokens, _ = gen.beam_search(self.config, self.params, memory, prompt_ids, num_beams=num_beams,
-                                  length_penalty=length_penalty, num_return_sequences=num_captions, **kw)
+                                  length_penalty=length_penalty, num_return_sequences=num_captions,
+                                  length_normalization=length_normalization, **kw)
     elif top_p is not None:
       tokens = gen.sample(self.config, self.params, memory, prompt_ids, jax.random.PRNGKey(seed), top_p=top_p,
                           top_k=top_k, temperature=temperature, num_return_sequences=num_captions, **kw)

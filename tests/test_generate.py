@@ -77,7 +77,8 @@ def test_beam_search_equals_transformers(models, prompt, case):
   hf, ours, pixels, memory = models
   kw = BEAM_CASES[case]
   ref = hf_generate(hf, pixels, prompt, output_scores=True, return_dict_in_generate=True, **kw)
-  got, scores = beam_search(ours.config, ours.params, memory, np.array([[30522] + prompt] * 4, np.int32), **kw)
+  got, scores = beam_search(ours.config, ours.params, memory, np.array([[30522] + prompt] * 4, np.int32),
+                            length_normalization="transformers", **kw)
   lengths = assert_same_tokens(got, ref.sequences, 1 + len(prompt), kw["max_length"])
   np.testing.assert_allclose(np.asarray(scores), ref.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
   if case == "beam3":  # hypotheses of several lengths, some ended by [SEP] before max_length
@@ -152,7 +153,7 @@ def test_api_generate(models, vocab_path):
   ref = hf_generate(hf, pixels, PROMPT, max_length=14, min_length=5)
   want = [ours.tokenizer.decode(r)[len("a picture of "):].strip() for r in ref.numpy()]
   assert texts == want and all(texts)
-  beams = ours.generate(pixels, num_beams=3, max_length=16, min_length=5)
+  beams = ours.generate(pixels, num_beams=3, max_length=16, min_length=5, length_normalization="transformers")
   ref = hf_generate(hf, pixels, PROMPT, **BEAM_CASES["beam3"])
   assert beams == [ours.tokenizer.decode(r)[len("a picture of "):].strip() for r in ref.numpy()]
   sampled = ours.generate(pixels[:2], top_p=0.9, num_captions=2, max_length=12, min_length=5, seed=3)
@@ -160,3 +161,53 @@ def test_api_generate(models, vocab_path):
   assert sampled == ours.generate(pixels[:2], top_p=0.9, num_captions=2, max_length=12, min_length=5, seed=3)
   with pytest.raises(ValueError, match="both"):
     ours.generate(pixels[:2], num_beams=3, top_p=0.9)
+
+
+# ---- the paper's decoding: transformers 4.15's length normalisation -------------------------------
+OFFICIAL_CASES = {
+    "coco-beam3": dict(num_beams=3, max_length=16, min_length=5),
+    "beam3-rep1.1-lp0.6": dict(num_beams=3, max_length=12, min_length=5, repetition_penalty=1.1, length_penalty=0.6),
+    "beam4-lp2-early": dict(num_beams=4, max_length=12, min_length=3, length_penalty=2.0, early_stopping=True),
+}
+
+
+def hf_next_logits(hf, image_embeds):
+  """A plain full forward of transformers' decoder for each sequence (no cache): the next-token logits."""
+  def fn(seqs):
+    ids = torch.tensor(seqs)
+    mem = image_embeds.expand(len(seqs), -1, -1)
+    with torch.no_grad():
+      out = hf.text_decoder(input_ids=ids, attention_mask=torch.ones_like(ids), encoder_hidden_states=mem)
+    return out.logits[:, -1].double().numpy()
+  return fn
+
+
+@pytest.mark.parametrize("case", list(OFFICIAL_CASES))
+def test_official_beam_search_equals_a_plain_415_loop(models, case):
+  """length_normalization='official' equals tests/beam415_ref.py (transformers 4.15's rule written
+  as a per-hypothesis Python loop over transformers' model) on token ids and scores; and on these
+  images the two normalisations pick different captions at least once (the option matters)."""
+  from beam415_ref import beam_search_415
+  hf, ours, pixels, memory = models
+  kw = OFFICIAL_CASES[case]
+  prompt = [30522] + PROMPT
+  got, scores = beam_search(ours.config, ours.params, memory, np.array([prompt] * 4, np.int32),
+                            length_normalization="official", **kw)
+  with torch.no_grad():
+    embeds = hf.vision_model(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))[0]
+  for i in range(4):
+    ref, ref_score = beam_search_415(hf_next_logits(hf, embeds[i:i + 1]), prompt, **kw)
+    assert until_sep(got[i]) == ref, (i, until_sep(got[i]), ref)
+    np.testing.assert_allclose(float(scores[i]), ref_score, rtol=1e-4, atol=1e-5)
+  other, _ = beam_search(ours.config, ours.params, memory, np.array([prompt] * 4, np.int32),
+                         length_normalization="transformers", **kw)
+  DIFFERS[case] = [until_sep(a) != until_sep(b) for a, b in zip(np.asarray(got), np.asarray(other))]
+
+
+DIFFERS: dict = {}
+
+
+def test_the_two_normalisations_pick_different_captions():
+  """Guards the test above against a rule that coincides with current transformers' on its cases."""
+  assert DIFFERS, "run with test_official_beam_search_equals_a_plain_415_loop"
+  assert any(any(v) for v in DIFFERS.values()), DIFFERS

@@ -10,9 +10,16 @@ identical to transformers 5.24):
 - `min_length` / `max_length` count the prompt tokens, as the official code counts them;
 - the repetition penalty divides positive and multiplies negative scores of every token already in
   the sequence, prompt included (on logits for greedy/sampling, on log-probs for beam search);
-- beam search keeps the 2K best continuations of all beams, retires those ending in [SEP] with
-  score sum(log p) / new_tokens ** length_penalty, and stops by transformers' heuristic (or when all
-  K hypotheses are done, with early_stopping=True);
+- beam search keeps the 2K best continuations of all beams and retires those ending in [SEP]. Two
+  length normalisations (`length_normalization`):
+  "official" (transformers 4.15, which the official BLIP pins and which produced the paper's
+  numbers): a hypothesis scores sum(log p) / len ** length_penalty, len = the prompt and the
+  generated tokens before [SEP] (a hypothesis cut at max_length: all max_length tokens); an image
+  is done when K hypotheses are in and the best of this step's 2K candidate sums, divided by the
+  current length, cannot beat the worst of them;
+  "transformers" (current transformers, tested equal to 5.24): sum(log p) / new_tokens **
+  length_penalty, new tokens counted with [SEP], and the best live beam over its new tokens for the
+  stopping heuristic. Both stop an image at once when all K are done with early_stopping=True;
 - sampling applies temperature, then top-k, then top-p (nucleus) before drawing.
 
 Outputs are [B * n, max_length] token ids (n sequences per image, image-major, as transformers
@@ -158,19 +165,30 @@ def sample(cfg: BlipConfig, params, memory, prompt, rng, *, max_length: int, min
                          max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
 
 
+LENGTH_NORMALIZATIONS = ("official", "transformers")
+
+
 @_jit("num_beams", "max_length", "min_length", "length_penalty", "repetition_penalty", "early_stopping",
-      "num_return_sequences")
+      "num_return_sequences", "length_normalization")
 def beam_search(cfg: BlipConfig, params, memory, prompt, *, num_beams: int, max_length: int,
                 min_length: int = 0, length_penalty: float = 1.0, repetition_penalty: float = 1.0,
-                early_stopping=False, num_return_sequences: int = 1, memory_mask=None):
+                early_stopping=False, num_return_sequences: int = 1, length_normalization: str = "official",
+                memory_mask=None):
   """Beam search with `num_beams` beams per image (transformers' vectorised algorithm).
 
-  early_stopping: False (transformers' default heuristic), True (stop when K hypotheses are
-  done) or "never". Returns (tokens [B * num_return_sequences, max_length], scores [B * R]),
-  best first per image; scores are length-penalised sums of log-probabilities.
+  early_stopping: False (the length heuristic), True (stop when K hypotheses are done) or "never"
+  (transformers only). length_normalization: "official" (transformers 4.15, the paper's run) or
+  "transformers" (current transformers); see the module docstring. Returns (tokens
+  [B * num_return_sequences, max_length], scores [B * R]), best first per image; scores are
+  length-penalised sums of log-probabilities.
   """
   if not 1 <= num_return_sequences <= num_beams:
     raise ValueError(f"num_return_sequences must be in 1..num_beams, got {num_return_sequences}")
+  if length_normalization not in LENGTH_NORMALIZATIONS:
+    raise ValueError(f"length_normalization must be one of {LENGTH_NORMALIZATIONS}, got {length_normalization!r}")
+  official = length_normalization == "official"
+  if official and early_stopping == "never":
+    raise ValueError('early_stopping="never" does not exist in transformers 4.15 (length_normalization="official")')
   t_cfg = cfg.text
   k = num_beams
   b, p = prompt.shape
@@ -210,28 +228,52 @@ def beam_search(cfg: BlipConfig, params, memory, prompt, *, num_beams: int, max_
     parent_flat = (gather(parent, nxt) + batch_offset).reshape(-1)
     token_flat = gather(token, nxt).reshape(-1)
 
-    # Those among the top k that ended compete with the hypotheses done so far.
-    just_done = ends & top_k_mask[None]
-    done_scores = top_logp / ((t + 1 - p).astype(jnp.float32) ** length_penalty)
-    full = jnp.all(s["finished"], axis=-1, keepdims=True) & (early_stopping is True)
-    done_scores = jnp.where(full | ~s["improvable"] | ~just_done, done_scores + neg, done_scores)
-    m_seqs = jnp.concatenate([s["sequences"], top_seqs], axis=1)
-    m_scores = jnp.concatenate([s["scores"], done_scores], axis=1)
-    m_finished = jnp.concatenate([s["finished"], just_done], axis=1)
-    best = jax.lax.top_k(m_scores, k)[1]
-    sequences, scores, finished = gather(m_seqs, best), gather(m_scores, best), gather(m_finished, best)
+    def merge(sequences, scores, finished, cand_seqs, cand_scores, cand_done):
+      """The k best of the hypotheses so far and the candidates that retire now."""
+      cand_scores = jnp.where(cand_done, cand_scores, cand_scores + neg)
+      m_scores = jnp.concatenate([scores, cand_scores], axis=1)
+      best = jax.lax.top_k(m_scores, k)[1]
+      return (gather(jnp.concatenate([sequences, cand_seqs], axis=1), best), gather(m_scores, best),
+              gather(jnp.concatenate([finished, cand_done], axis=1), best))
 
-    # Can a live beam still beat the worst finished hypothesis? (transformers' heuristic)
     t1 = t + 1
-    if early_stopping == "never" and length_penalty > 0.0:
-      best_len = jnp.float32(max_length - p)
+    if official:
+      # transformers 4.15: [SEP] among the top k retires the hypothesis without its [SEP] (length t);
+      # is_done compares the worst retired score with this step's best candidate sum / t
+      is_sep = token == t_cfg.sep_id
+      sequences, scores, finished = merge(
+          s["sequences"], s["scores"], s["finished"], top_seqs, top_logp / jnp.float32(t) ** length_penalty,
+          is_sep & top_k_mask[None] & s["improvable"])
+      worst = jnp.min(jnp.where(finished, scores, -neg), axis=1, keepdims=True)
+      enough = jnp.all(finished, axis=1, keepdims=True)
+      can_beat = top_logp[:, :1] / jnp.float32(t) ** length_penalty > worst
+      done = enough & (True if early_stopping is True else ~can_beat)
+      improvable = s["improvable"] & ~done
+      # finalize at max_length: the k best continuations that did not end retire with all t + 1
+      # tokens, for images not done
+      live_rank = jnp.cumsum(~is_sep, axis=1) - 1
+      cut = (t1 >= max_length) & ~is_sep & (live_rank < k) & improvable
+      sequences, scores, finished = merge(sequences, scores, finished, top_seqs,
+                                          top_logp / jnp.float32(t1) ** length_penalty, cut)
+      go_on = jnp.any(improvable) & (t1 < max_length)
     else:
-      best_len = (t1 - p).astype(jnp.float32)
-    best_running = running_scores[:, :1] / best_len ** length_penalty
-    worst_done = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
-    improvable = s["improvable"] & jnp.any(best_running > worst_done, axis=-1, keepdims=True)
-    go_on = (jnp.any(improvable) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(ends)
-             & (t1 < max_length))
+      # Those among the top k that ended compete with the hypotheses done so far.
+      just_done = ends & top_k_mask[None]
+      full = jnp.all(s["finished"], axis=-1, keepdims=True) & (early_stopping is True)
+      sequences, scores, finished = merge(
+          s["sequences"], s["scores"], s["finished"], top_seqs,
+          top_logp / ((t + 1 - p).astype(jnp.float32) ** length_penalty), just_done & ~full & s["improvable"])
+
+      # Can a live beam still beat the worst finished hypothesis? (transformers' heuristic)
+      if early_stopping == "never" and length_penalty > 0.0:
+        best_len = jnp.float32(max_length - p)
+      else:
+        best_len = (t1 - p).astype(jnp.float32)
+      best_running = running_scores[:, :1] / best_len ** length_penalty
+      worst_done = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
+      improvable = s["improvable"] & jnp.any(best_running > worst_done, axis=-1, keepdims=True)
+      go_on = (jnp.any(improvable) & ~(jnp.all(finished) & (early_stopping is True)) & ~jnp.all(ends)
+               & (t1 < max_length))
 
     cache = jax.tree_util.tree_map_with_path(
         lambda path, x: x[parent_flat] if path[-1].key in _SELF_CACHE else x, s["cache"])
