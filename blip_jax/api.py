@@ -109,7 +109,7 @@ class BlipModel:
     return _vqa_answer_logits(self.config, self.params, *map(jnp.asarray, (pixels, q_ids, q_mask, a_ids, a_mask)))
 
   def generate(self, pixels, prompt: str = "a picture of ", max_length: int = 20, min_length: int = 5, *,
-               num_beams: int = 1, top_p: Optional[float] = None, top_k: int = 0, temperature: float = 1.0,
+               num_beams: int = 1, top_p: Optional[float] = None, top_k: int = 50, temperature: float = 1.0,
                repetition_penalty: float = 1.0, length_penalty: float = 1.0, num_captions: int = 1,
                seed: int = 0, length_normalization: str = "official"):
     """Captions: greedy (default), beam search (num_beams > 1) or nucleus sampling (top_p).
@@ -120,6 +120,17 @@ class BlipModel:
     Sampling is deterministic for a seed. length_normalization: beam scores as transformers 4.15,
     which the paper's run used ("official"), or as current transformers ("transformers").
     """
+    self._require("decoder", self.config.kind in ("pretrain", "caption"))
+    return self.generate_from_embeds(
+        self.encode_image(jnp.asarray(pixels)), prompt, max_length, min_length, num_beams=num_beams, top_p=top_p,
+        top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+        num_captions=num_captions, seed=seed, length_normalization=length_normalization)
+
+  def generate_from_embeds(self, image_embeds, prompt: str = "a picture of ", max_length: int = 20,
+                           min_length: int = 5, *, num_beams: int = 1, top_p: Optional[float] = None, top_k: int = 50,
+                           temperature: float = 1.0, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+                           num_captions: int = 1, seed: int = 0, length_normalization: str = "official"):
+    """`generate` on image tokens already encoded (encode_image): the decoding half."""
     from blip_jax.models import generate as gen
     self._require("decoder", self.config.kind in ("pretrain", "caption"))
     if self.tokenizer is None:
@@ -128,8 +139,8 @@ class BlipModel:
       raise ValueError("choose beam search (num_beams) or sampling (top_p), not both")
     if num_captions > 1 and num_beams == 1 and top_p is None:
       raise ValueError("several captions per image need beam search (num_beams) or sampling (top_p)")
-    prompt_ids = self.prompt_ids(prompt, pixels.shape[0])
-    memory = self.encode_image(jnp.asarray(pixels))
+    memory = image_embeds
+    prompt_ids = self.prompt_ids(prompt, memory.shape[0])
     kw = dict(max_length=max_length, min_length=min_length, repetition_penalty=repetition_penalty)
     if num_beams > 1:
       tokens, _ = gen.beam_search(self.config, self.params, memory, prompt_ids, num_beams=num_beams,

@@ -42,13 +42,13 @@ KINDS = ("web", "synthetic")
 @dataclasses.dataclass(frozen=True)
 class CapFiltSettings:
   """Everything that decides the output (checked on resume). Decoding defaults are the official
-  BLIP_Decoder.generate(sample=True) settings: top-p 0.9, repetition penalty 1.1, max 30 / min 10
-  tokens counting the 4 prompt tokens."""
+  BLIP_Decoder.generate(sample=True) settings: top-p 0.9 (with transformers 4.15's default top-k 50),
+  repetition penalty 1.1, max 30 / min 10 tokens counting the 4 prompt tokens."""
   threshold: float = 0.5
   num_captions: int = 1
   num_beams: int = 1  # > 1: beam search instead of sampling (the paper's comparison; top_p unused)
   top_p: float = 0.9
-  top_k: int = 0
+  top_k: int = 50  # transformers 4.15's default, which the official nucleus sampling inherits
   temperature: float = 1.0
   max_length: int = 30
   min_length: int = 10

@@ -1,4 +1,5 @@
-"""`blip-jax` command line: convert, score, caption, capfilt, eval, train-tokenizer, make-shards, train."""
+"""`blip-jax` command line: convert, score, caption, capfilt, eval (retrieval, caption), train-tokenizer,
+make-shards, train, compile."""
 from __future__ import annotations
 
 import argparse
@@ -81,19 +82,24 @@ def generation_kwargs(a) -> dict:
     sys.exit("error: --num-captions > 1 needs --beams or --top-p")
   return dict(max_length=a.max_length, min_length=a.min_length, num_beams=a.beams, top_p=a.top_p,
               top_k=a.top_k, temperature=a.temperature, repetition_penalty=a.repetition_penalty,
-              length_penalty=a.length_penalty, num_captions=a.num_captions)
+              length_penalty=a.length_penalty, num_captions=a.num_captions,
+              length_normalization=a.length_normalization)
 
 
-def add_generation_flags(p, *, max_length=20, min_length=5, top_p=None, repetition_penalty=1.0):
+def add_generation_flags(p, *, max_length=20, min_length=5, top_p=None, repetition_penalty=1.0, beams=1):
   g = p.add_argument_group("decoding (max/min length count the prompt's 4 tokens, as the official code does)")
-  g.add_argument("--beams", type=int, default=1, help="beam search with N beams (official COCO eval: 3)")
+  g.add_argument("--beams", type=int, default=beams, help="beam search with N beams (official COCO eval: 3)")
   g.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling with this top-p (e.g. 0.9)")
-  g.add_argument("--top-k", type=int, default=0, help="sampling: also keep only the k most likely tokens")
+  g.add_argument("--top-k", type=int, default=50, help="sampling: also keep only the k most likely tokens (default "
+                 "50, transformers 4.15's default, which the official nucleus sampling inherits; 0 = off)")
   g.add_argument("--temperature", type=float, default=1.0)
   g.add_argument("--max-length", type=int, default=max_length)
   g.add_argument("--min-length", type=int, default=min_length)
   g.add_argument("--repetition-penalty", type=float, default=repetition_penalty)
-  g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / new_tokens ** this")
+  g.add_argument("--length-penalty", type=float, default=1.0, help="beam search: score / length ** this")
+  g.add_argument("--length-normalization", choices=("official", "transformers"), default="official",
+                 help="beam scores as transformers 4.15, which the paper's run used (sum log p / (prompt + new "
+                      "tokens)), or as current transformers (/ new tokens)")
   g.add_argument("--prompt", default="a picture of ")
   g.add_argument("--seed", type=int, default=0, help="sampling seed")
 
@@ -197,6 +203,37 @@ def cmd_eval_retrieval(a):
     print(f"wrote {a.out}/metrics.json, scores.npz, rankings.jsonl", file=sys.stderr)
 
 
+def cmd_eval_caption(a):
+  from blip_jax.tasks import caption as C
+  from blip_jax import fs
+  if a.beams > 1 and a.top_p is not None:
+    sys.exit("error: choose --beams N or --top-p P, not both")
+  fs.check_output(a.out, a.overwrite, "--out")
+  cset = C.read_caption_set(a.annotations, a.image_root, a.gt or "")
+  from blip_jax.train import launch
+  launch.maybe_initialize_distributed()
+  import blip_jax
+  model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
+  if model.tokenizer is None:
+    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+  if model.config.kind not in ("caption", "pretrain"):
+    sys.exit(f"error: a {model.config.kind} model has no caption decoder; use a caption or pretraining checkpoint")
+  decoding = dict(num_beams=a.beams, max_length=a.max_length, min_length=a.min_length,
+                  repetition_penalty=a.repetition_penalty, length_penalty=a.length_penalty,
+                  length_normalization=a.length_normalization)
+  if a.top_p is not None:
+    decoding.update(top_p=a.top_p, top_k=a.top_k, temperature=a.temperature, seed=a.seed)
+  result = C.evaluate_captions(model, cset, batch_size=a.batch_size, prompt=a.prompt, spice=a.spice,
+                               progress=not a.quiet, **decoding)
+  import jax
+  if jax.process_index() == 0:
+    C.write_outputs(result, a.out, html_page=a.html)
+    print(f"{len(result.results)} of {len(cset.paths)} images captioned; skipped {len(result.skipped_images)} "
+          f"undecodable", file=sys.stderr)
+    print(C.format_metrics(result))
+    print(f"wrote {a.out}/captions.json, metrics.json{', captions.html' if a.html else ''}", file=sys.stderr)
+
+
 def cmd_train_tokenizer(a):
   from blip_jax.tokenizers import SentencePieceTokenizer, train_sentencepiece
   path = train_sentencepiece(a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type,
@@ -297,6 +334,27 @@ def build_parser():
   er.add_argument("--quiet", action="store_true", help="no progress bars")
   er.set_defaults(fn=cmd_eval_retrieval)
 
+  ec = ev.add_parser("caption", help="caption every image of a split and score it with the COCO caption metrics "
+                     "(official decoding: beam 3, max 20, min 5, prompt 'a picture of ')")
+  ec.add_argument("--model", required=True, help="caption (or pretraining) checkpoint: official .pth | HF dir | ours")
+  ec.add_argument("--annotations", required=True, help="Karpathy-style JSON [{image, caption: [...]}] (references "
+                  "from its captions), or [{image, img_id}] (NoCaps: captions only, for the evaluation server)")
+  ec.add_argument("--image-root", default="", help="root of the annotations' image paths")
+  ec.add_argument("--gt", help="COCO-format references (e.g. the official coco_karpathy_test_gt.json)")
+  ec.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
+  ec.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 384)")
+  ec.add_argument("--out", required=True, help="writes captions.json (COCO results format) and metrics.json here")
+  ec.add_argument("--overwrite", action="store_true", help="replace the files of an existing non-empty --out")
+  ec.add_argument("--batch-size", type=int, default=32, help="images per generate call (split over local devices)")
+  ec.add_argument("--spice", choices=("auto", "download", "off"), default="auto",
+                  help="SPICE: computed when the Stanford CoreNLP jars are present (auto), fetched first (download)")
+  ec.add_argument("--html", action="store_true", help="also write captions.html: thumbnails, generated and "
+                  "reference captions, per-image CIDEr, worst first")
+  ec.add_argument("--nocaps", action="store_true", help="the official NoCaps decoding (repetition penalty 1.1)")
+  ec.add_argument("--quiet", action="store_true", help="no progress bar")
+  add_generation_flags(ec, beams=3)
+  ec.set_defaults(fn=cmd_eval_caption)
+
   t = sub.add_parser("train-tokenizer", help="train a SentencePiece model with BLIP's special tokens")
   t.add_argument("--input", required=True, help="text file, one sentence per line")
   t.add_argument("--out", required=True, help="output prefix (writes PREFIX.model, PREFIX.vocab)")
@@ -389,6 +447,8 @@ def main(argv=None):
   if argv and argv[0] == "compile":
     return compile_main(argv[1:])
   args = build_parser().parse_args(argv)
+  if getattr(args, "nocaps", False) and args.repetition_penalty == 1.0:
+    args.repetition_penalty = 1.1  # official eval_nocaps
   try:
     args.fn(args)
   except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError, ImageDecodeError, bad configs

@@ -181,7 +181,9 @@ class BertTokenizer(_Base):
     return [i for w in self._basic(text) for i in self._wordpiece(w)]
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-    toks = [self.inv[int(i)] for i in ids if not (skip_special_tokens and int(i) in self.special_ids)]
+    # ids past the vocabulary (a model's padding rows, which an untrained model can emit) are dropped
+    toks = [self.inv[int(i)] for i in ids
+            if int(i) in self.inv and not (skip_special_tokens and int(i) in self.special_ids)]
     text = " ".join(toks).replace(" ##", "").strip()
     for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
@@ -219,7 +221,8 @@ class SentencePieceTokenizer(_Base):
     return self.sp.encode(text)
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-    keep = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.special_ids)]
+    keep = [int(i) for i in ids  # ids past the vocabulary (a model's padding rows) are dropped
+            if 0 <= int(i) < self.vocab_size and not (skip_special_tokens and int(i) in self.special_ids)]
     return self.sp.decode(keep)
 
   def save(self, directory: str) -> dict:

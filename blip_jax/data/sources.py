@@ -73,9 +73,12 @@ class JsonSource(Source):
   - VQA: {"question", "answer": str | [str], "image", ["dataset"]};
   - NLVR2: {"images": [a, b], "sentence", "label": "True" | "False"}.
   Images are read by TF at run time, so a missing file is a skipped example, not a crash.
+  each_caption: an entry with a caption list becomes one example per caption (the official caption
+  fine-tuning trains on every caption of an image); otherwise one of them is drawn per epoch.
   """
 
-  def __init__(self, annotations: str | Sequence[str], image_root: str = "", task: Optional[str] = None):
+  def __init__(self, annotations: str | Sequence[str], image_root: str = "", task: Optional[str] = None,
+               each_caption: bool = False):
     from blip_jax.data.annotations import read_entries
     files = [annotations] if isinstance(annotations, str) else list(annotations)
     entries = read_entries(files)
@@ -83,6 +86,9 @@ class JsonSource(Source):
     e0 = entries[0]
     self.task = task or ("vqa" if "question" in e0 else "nlvr" if "images" in e0 else "caption")
     check_entries(entries, self.task, self.name)
+    if each_caption and self.task == "caption":
+      entries = [dict(e, caption=c) for e in entries
+                 for c in (e["caption"] if isinstance(e["caption"], list) else [e["caption"]])]
     root = image_root
     path = lambda p: p if (os.path.isabs(p) or "://" in p) else os.path.join(root, p)
     ids: dict = {}
@@ -285,7 +291,8 @@ def make_source(cfg) -> Source:
   """From a config dict / ConfigDict: kind in json | tfrecord | tfds | synthetic."""
   kind = cfg["kind"]
   if kind == "json":
-    return JsonSource(list(cfg["annotations"]), cfg.get("image_root", ""), cfg.get("task") or None)
+    return JsonSource(list(cfg["annotations"]), cfg.get("image_root", ""), cfg.get("task") or None,
+                      bool(cfg.get("each_caption", False)))
   if kind == "tfrecord":
     return TFRecordSource(list(cfg["files"]) if not isinstance(cfg["files"], str) else cfg["files"],
                           cfg.get("shuffle_buffer", 10_000))

@@ -13,8 +13,11 @@ class Task:
   name: str
   model_kind: str
   check_config: Callable = lambda c: None  # raises ValueError on a config that cannot run
-  evaluate: Optional[Callable] = None  # (config, BlipModel) -> {"split/metric": value}, each epoch
+  # (config, BlipModel) -> {"split/metric": value}, each epoch; an optional "samples" entry
+  # {name: (uint8 images, [texts])} goes to TensorBoard as images and text
+  evaluate: Optional[Callable] = None
   select: str = ""  # the metric (higher is better) that picks the best checkpoint
+  shown: tuple = ()  # suffixes of the eval metrics printed after each evaluation
 
 
 def get(name: str) -> Task:
@@ -23,5 +26,10 @@ def get(name: str) -> Task:
   if name == "retrieval":
     from blip_jax.tasks import retrieval
     return Task("retrieval", "retrieval", retrieval.check_training_config, retrieval.evaluate_splits,
-                select="val/r_mean")
-  raise ValueError(f"unknown task {name!r}: pretrain or retrieval")
+                select="val/r_mean", shown=("r1", "r_mean"))
+  if name == "caption":
+    from blip_jax.tasks import caption
+    # official train_caption.py: the best epoch by val CIDEr + BLEU-4
+    return Task("caption", "caption", caption.check_training_config, caption.evaluate_splits,
+                select="val/CIDEr+Bleu_4", shown=("CIDEr", "Bleu_4"))
+  raise ValueError(f"unknown task {name!r}: pretrain, retrieval or caption")

@@ -5,7 +5,7 @@ import ml_collections as mlc
 
 def base():
   c = mlc.ConfigDict()
-  c.task = "pretrain"  # pretrain | retrieval: the task's model kind, step and evaluation
+  c.task = "pretrain"  # pretrain | retrieval | caption: the task's model kind, step and evaluation
   c.seed = 0
   c.model = mlc.ConfigDict(dict(
       vit="base",  # tiny | base | large ('' = only `vision` below)
@@ -20,9 +20,9 @@ def base():
   c.data = mlc.ConfigDict(dict(
       source=mlc.ConfigDict(dict(kind="json", annotations=("",), image_root="", files="", name="", split="train",
                                  data_dir="", num_examples=0, image_size=0, seed=0, task="caption",
-                                 shuffle_buffer=10000)),
+                                 shuffle_buffer=10000, each_caption=False)),
       pipeline=mlc.ConfigDict(dict(crop_scale=(0.2, 1.0), flip=True, randaug=True, max_words=30, text_length=30,
-                                   threads=4, prefetch=2, seed=0)),
+                                   threads=4, prefetch=2, seed=0, prompt="")),
   ))
   c.steps_per_epoch = 0  # needed only for streaming sources (TFRecord / TFDS)
   c.batch_size = 2880  # global: the paper's ViT-B batch

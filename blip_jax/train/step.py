@@ -1,9 +1,11 @@
 """The training step: ITC + ITM + LM in one jitted, sharded function (blip_facts §3.2); the
-retrieval fine-tuning step is the same with image-id positives and no LM (§5.1).
+retrieval fine-tuning step is the same with image-id positives and no LM (§5.1); caption
+fine-tuning is the LM loss alone, with the prompt's tokens not targets (§5.2).
 
 State (a plain dict pytree, checkpointed as is):
-  step, params (the pretraining model), opt_state (AdamW), momentum (EMA towers: ViT, text encoder,
-  projections), image_queue / text_queue [Q, 256], idx_queue [Q], queue_ptr, rng, nonfinite_step.
+  step, params (the model of the task's kind), opt_state (AdamW), rng, nonfinite_step, and for the
+  kinds with ITC: momentum (EMA towers: ViT, text encoder, projections), image_queue / text_queue
+  [Q, 256], idx_queue [Q, 2], queue_ptr.
 Order inside a step, as official: EMA update of the momentum towers first, then the forward passes.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ class LossConfig:
   itm_groups: int = 1  # number of data shards for 'local' (set by the trainer from the mesh)
   label_smoothing: float = 0.1
   use_image_ids: bool = False  # ITC positives by image id (retrieval finetuning)
+  prompt_length: int = 0  # LM: the first tokens ([DEC] + prompt) are not targets (caption finetuning: 4)
   grad_accum: int = 1
 
 
@@ -81,21 +84,23 @@ def init_state(cfg: BlipConfig, tx: optax.GradientTransformation, loss_cfg: Loss
   k_params, k_queue, k_rng = jax.random.split(rng, 3)
   params = init_boxed(cfg, k_params)
   plain = nn.meta.unbox(params)
-  momentum = momentum_view(params)  # jit outputs them as their own buffers
-  q = loss_cfg.queue_size
-  qi, qt = jax.random.normal(k_queue, (2, q, cfg.embed_dim))
-  norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)  # official: randn normalised per feature
   state = {
       "step": jnp.zeros((), jnp.int32),
       "params": params,
       "opt_state": tx.init(params if boxed else plain),
-      "momentum": momentum,
-      "image_queue": norm(qi), "text_queue": norm(qt),
-      "idx_queue": jnp.full((q, 2), -100, jnp.int32),  # image ids as split_ids pairs
-      "queue_ptr": jnp.zeros((), jnp.int32),
       "rng": k_rng,
       "nonfinite_step": jnp.full((), -1, jnp.int32),
   }
+  if cfg.has_itc:
+    q = loss_cfg.queue_size
+    qi, qt = jax.random.normal(k_queue, (2, q, cfg.embed_dim))
+    norm = lambda x: x / jnp.linalg.norm(x, axis=1, keepdims=True)  # official: randn normalised per feature
+    state.update({
+        "momentum": momentum_view(params),  # jit outputs them as their own buffers
+        "image_queue": norm(qi), "text_queue": norm(qt),
+        "idx_queue": jnp.full((q, 2), -100, jnp.int32),  # image ids as split_ids pairs
+        "queue_ptr": jnp.zeros((), jnp.int32),
+    })
   return state if boxed else nn.meta.unbox(state)
 
 
@@ -164,26 +169,44 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
   return total, (metrics, image_feat_m, text_feat_m)
 
 
+def _caption_forward(cfg: BlipConfig, loss_cfg: LossConfig, params, batch, rng):
+  """Caption fine-tuning (official BLIP_Decoder.forward): the image-grounded decoder's LM loss with
+  label smoothing; [DEC] first, the prompt's tokens and padding not targets."""
+  pixels = normalize_images(batch["image"])
+  ids, mask = batch["text_ids"], batch["text_mask"]
+  logits = Blip(cfg).apply({"params": params}, method=lambda m: m.lm_logits(m.encode_image(pixels, train=True), ids,
+                                                                             mask, train=True), rngs={"dropout": rng})
+  loss = losses.lm_loss(logits, ids, mask, label_smoothing=loss_cfg.label_smoothing,
+                        prompt_length=loss_cfg.prompt_length)
+  return loss, ({"loss": loss, "loss_lm": loss}, None, None)
+
+
 def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation, lr_fn: Callable):
   """Returns step(state, batch) -> (state, metrics). Pure; jit it with shardings."""
+  contrastive = cfg.has_itc  # ITC/ITM kinds: momentum towers and queues
 
   def step(state, batch):
     s = state["step"]
     rng = jax.random.fold_in(state["rng"], s)
     params = state["params"]
-    temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)
-    ramp = jnp.minimum(1.0, s / loss_cfg.alpha_ramp_steps) if loss_cfg.alpha_ramp_steps else 1.0
-    alpha = loss_cfg.alpha * ramp
-    # 1. momentum update before the momentum forward (official order)
-    m = loss_cfg.momentum
-    momentum = jax.tree.map(lambda pm, p: m * pm + (1 - m) * p, state["momentum"], momentum_view(params))
-    queues = {k: state[k] for k in ("image_queue", "text_queue", "idx_queue")}
+    if contrastive:
+      temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)
+      ramp = jnp.minimum(1.0, s / loss_cfg.alpha_ramp_steps) if loss_cfg.alpha_ramp_steps else 1.0
+      alpha = loss_cfg.alpha * ramp
+      # 1. momentum update before the momentum forward (official order)
+      m = loss_cfg.momentum
+      momentum = jax.tree.map(lambda pm, p: m * pm + (1 - m) * p, state["momentum"], momentum_view(params))
+      queues = {k: state[k] for k in ("image_queue", "text_queue", "idx_queue")}
 
     # 2. forward/backward, over micro-batches when accumulating
     k = loss_cfg.grad_accum
     def micro(carry, mb):
       grads_acc, i = carry
-      f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, alpha, jax.random.fold_in(rng, i))
+      r = jax.random.fold_in(rng, i)
+      if contrastive:
+        f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, alpha, r)
+      else:
+        f = lambda p: _caption_forward(cfg, loss_cfg, p, mb, r)
       (_, (metrics, feat_i, feat_t)), grads = jax.value_and_grad(f, has_aux=True)(params)
       grads_acc = jax.tree.map(lambda a, g: a + g / k, grads_acc, grads)
       return (grads_acc, i + 1), (metrics, feat_i, feat_t)
@@ -193,25 +216,27 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
       mbs = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
       (grads, _), (metrics, feat_i, feat_t) = jax.lax.scan(micro, (jax.tree.map(jnp.zeros_like, params), 0), mbs)
       metrics = jax.tree.map(jnp.mean, metrics)
-      feat_i, feat_t = feat_i.reshape(-1, feat_i.shape[-1]), feat_t.reshape(-1, feat_t.shape[-1])
+      if contrastive:
+        feat_i, feat_t = feat_i.reshape(-1, feat_i.shape[-1]), feat_t.reshape(-1, feat_t.shape[-1])
 
     # 3. AdamW update; temperature kept in range (official clamps in place each step)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    new_params = {**new_params, "temp": jnp.clip(new_params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)}
-
-    # 4. enqueue the momentum features of the whole global batch
-    g = feat_i.shape[0]
-    ptr = state["queue_ptr"]
-    upd = lambda q, x: jax.lax.dynamic_update_slice(q, x.astype(q.dtype), (ptr,) + (0,) * (q.ndim - 1))
-    ids_g = _image_ids(batch)
-    ids_g = jnp.full((g, 2), -100, jnp.int32) if ids_g is None else ids_g
-    new = {
-        "step": s + 1, "params": new_params, "opt_state": opt_state, "momentum": momentum,
-        "image_queue": upd(state["image_queue"], feat_i), "text_queue": upd(state["text_queue"], feat_t),
-        "idx_queue": upd(state["idx_queue"], ids_g),
-        "queue_ptr": (ptr + g) % state["image_queue"].shape[0], "rng": state["rng"],
-    }
+    new = {"step": s + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+    if contrastive:
+      new["params"] = {**new_params, "temp": jnp.clip(new_params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)}
+      # 4. enqueue the momentum features of the whole global batch
+      g = feat_i.shape[0]
+      ptr = state["queue_ptr"]
+      upd = lambda q, x: jax.lax.dynamic_update_slice(q, x.astype(q.dtype), (ptr,) + (0,) * (q.ndim - 1))
+      ids_g = _image_ids(batch)
+      ids_g = jnp.full((g, 2), -100, jnp.int32) if ids_g is None else ids_g
+      new.update({
+          "momentum": momentum,
+          "image_queue": upd(state["image_queue"], feat_i), "text_queue": upd(state["text_queue"], feat_t),
+          "idx_queue": upd(state["idx_queue"], ids_g),
+          "queue_ptr": (ptr + g) % state["image_queue"].shape[0],
+      })
     # 5. a non-finite loss leaves the state as it was, records the step and keeps the state there
     # from then on (the loop reads nonfinite_step every step and stops; the checkpoints stay good)
     clean = state["nonfinite_step"] < 0
@@ -221,8 +246,10 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
     new["nonfinite_step"] = jnp.where(finite | ~clean, state["nonfinite_step"], s)
     # any host's stop request (its rows of batch['stop']), as one value all hosts read
     stop = jnp.max(batch["stop"]) if "stop" in batch else jnp.zeros((), jnp.int32)
-    metrics = {**metrics, "lr": lr_fn(s), "temp": temp, "alpha": alpha,
-               "grad_norm": optax.tree.norm(grads), "stop": stop, "nonfinite_step": new["nonfinite_step"]}
+    metrics = {**metrics, "lr": lr_fn(s), "grad_norm": optax.tree.norm(grads), "stop": stop,
+               "nonfinite_step": new["nonfinite_step"]}
+    if contrastive:
+      metrics.update(temp=temp, alpha=alpha)
     return new, metrics
 
   return step

@@ -97,8 +97,9 @@ def check_batch(c, mesh, processes: int | None = None):
     raise ConfigError("; ".join(problems))
 
 
-def build(c, mcfg, mesh, steps_per_epoch: int, total_steps: int):
-  """(step_fn, init_fn, state_shardings, batch_sharding, loss_cfg) for a config on a mesh."""
+def build(c, mcfg, mesh, steps_per_epoch: int, total_steps: int, prompt_length: int = 0):
+  """(step_fn, init_fn, state_shardings, batch_sharding, loss_cfg) for a config on a mesh.
+  prompt_length: leading text tokens that are not LM targets ([DEC] + the caption prompt)."""
   import flax.linen as nn
   from jax.sharding import NamedSharding, PartitionSpec as P
   from blip_jax.train.step import LossConfig, init_state, make_optimizer, make_train_step
@@ -108,7 +109,7 @@ def build(c, mcfg, mesh, steps_per_epoch: int, total_steps: int):
                         alpha_ramp_steps=int(c.loss.alpha_ramp_epochs * steps_per_epoch),
                         itm_scope=c.loss.itm_scope, itm_groups=shards if c.loss.itm_scope == "local" else 1,
                         label_smoothing=c.loss.label_smoothing, use_image_ids=c.loss.use_image_ids,
-                        grad_accum=c.optim.grad_accum)
+                        prompt_length=prompt_length, grad_accum=c.optim.grad_accum)
   shardings, rules = state_shardings(c, mcfg, tx, loss_cfg, mesh)
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp") if "fsdp" in mesh.shape else "data"))
   replicated = NamedSharding(mesh, P())
@@ -237,7 +238,10 @@ def train(c, workdir: str):
     raise ConfigError("a streaming source needs steps_per_epoch in the config")
   total_steps = c.total_steps if c.total_steps > 0 else c.epochs * steps_per_epoch
 
-  step_fn, init_fn, shardings, batch_sharding, loss_cfg = build(c, mcfg, mesh, steps_per_epoch, total_steps)
+  prompt = c.data.pipeline.prompt
+  prompt_length = 1 + len(tok.encode(prompt)) if prompt else 0  # official: len(tokenize(prompt)) - 1
+  step_fn, init_fn, shardings, batch_sharding, loss_cfg = build(c, mcfg, mesh, steps_per_epoch, total_steps,
+                                                                prompt_length)
 
   mngr = _checkpoint_manager(workdir, c.keep_checkpoints)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -301,9 +305,14 @@ def train(c, workdir: str):
     t0 = time.time()
     model = BlipModel(mcfg, _host_params(state["params"], mesh), tokenizer=tok)
     eval_metrics = task.evaluate(c, model)
+    samples = eval_metrics.pop("samples", None)  # {name: (uint8 images [N, H, W, 3], [texts])}
     epoch = step // steps_per_epoch
     eval_metrics["eval_s"] = time.time() - t0
     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    if samples:
+      writer.write_images(step, {f"eval/{k}": v[0] for k, v in samples.items()})
+      writer.write_texts(step, {f"eval/{k}": "\n\n".join(f"{i}: {t}" for i, t in enumerate(v[1]))
+                                for k, v in samples.items()})
     improved = task.select in eval_metrics and (best is None or eval_metrics[task.select] > best["value"])
     best_dir = fs.join(workdir, "best")
     if improved:
@@ -314,11 +323,13 @@ def train(c, workdir: str):
       metrics_log.append({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in eval_metrics.items()}})
       if improved:
         fs.write_json(fs.join(best_dir, "best.json"), best, indent=2)
-      shown = "  ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items() if k.endswith(("r1", "r_mean")))
+      shown = "  ".join(f"{k} {v:.2f}" for k, v in eval_metrics.items() if k.endswith(task.shown))
       print(f"epoch {epoch} eval ({eval_metrics['eval_s']:.0f} s): {shown}"
             f"{'  (best so far: saved to ' + best_dir + ')' if improved else ''}", flush=True)
 
   step = int(state["step"])
+  if step == 0 and task.evaluate is not None and c.eval.get("at_start", False):
+    evaluate_epoch(0)  # the starting point (e.g. the pretrained checkpoint before fine-tuning)
   t_last, n_last, metrics = time.time(), step, {}
   history = []
   previous = None  # the previous step's metrics: its control values are read one step late
@@ -350,9 +361,7 @@ def train(c, workdir: str):
       writer.write_scalars(step, metrics)
       if jax.process_index() == 0:
         metrics_log.append({"step": step, **metrics})
-        print(f"step {step}/{total_steps} ep {metrics['epoch']:.2f} loss {metrics['loss']:.4f} "
-              f"itc {metrics['loss_itc']:.4f} itm {metrics['loss_itm']:.4f} (acc {metrics['itm_acc']:.3f}) "
-              f"lm {metrics['loss_lm']:.4f} lr {metrics['lr']:.2e} temp {metrics['temp']:.4f} "
+        print(f"step {step}/{total_steps} ep {metrics['epoch']:.2f} {_loss_terms(metrics)} lr {metrics['lr']:.2e} "
               f"gnorm {metrics['grad_norm']:.3f} {metrics['examples_per_s']:.1f} ex/s "
               f"{metrics['step_time_s'] * 1000:.0f} ms/step eta {eta / 60:.1f} min skipped {data_state['skipped']}",
               flush=True)
@@ -379,6 +388,18 @@ def train(c, workdir: str):
   elif c.eval.enabled and jax.process_index() == 0:
     result["eval"] = run_eval(c, mcfg, state["params"], tok)
   return result
+
+
+def _loss_terms(m: dict) -> str:
+  """The loss terms a task's step reports: 'loss 3.1 itc 1.2 itm 0.6 (acc 0.712) lm 1.3 temp 0.07'."""
+  out = f"loss {m['loss']:.4f}"
+  if "loss_itc" in m:
+    out += f" itc {m['loss_itc']:.4f} itm {m['loss_itm']:.4f} (acc {m['itm_acc']:.3f})"
+  if "loss_lm" in m and "loss_itc" in m:
+    out += f" lm {m['loss_lm']:.4f}"
+  if "temp" in m:
+    out += f" temp {m['temp']:.4f}"
+  return out
 
 
 def _all_hosts(data_state: dict) -> list:
@@ -538,20 +559,26 @@ def _initialise_from(c, mcfg, state, shardings):
     params = load_bert_into(params, mcfg, fs.local_copy(init.bert))
   new = dict(state)
   new["params"] = params
-  new["momentum"] = extras.get("momentum") or jax.tree.map(np.copy, momentum_view(params))
+  if "momentum" in state:
+    new["momentum"] = extras.get("momentum") or jax.tree.map(np.copy, momentum_view(params))
   buf = extras.get("buffers", {})
-  if "image_queue" in buf and buf["image_queue"].shape[1] == state["image_queue"].shape[0]:
+  if "image_queue" in buf and "image_queue" in state and buf["image_queue"].shape[1] == state["image_queue"].shape[0]:
     new["image_queue"], new["text_queue"] = buf["image_queue"].T, buf["text_queue"].T  # (256, Q) -> (Q, 256)
   new["opt_state"] = state["opt_state"]
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), new, shardings)
 
 
 def _retarget(params, extras, src: str, dst: str, path: str):
-  """A pretraining model's weights as a retrieval model (the official fine-tuning start): the text
-  encoder without the decoder's self-attention and LM head."""
-  if (src, dst) != ("pretrain", "retrieval"):
+  """A pretraining model's weights as a fine-tuning model (the official fine-tuning starts):
+  retrieval = the text encoder without the decoder's self-attention and LM head; caption = the
+  image-grounded decoder (the shared weights with the decoder's self-attention, and the LM head)."""
+  if src != "pretrain" or dst not in ("retrieval", "caption"):
     raise ConfigError(f"init.blip {path} is a {src!r} model; a {dst!r} run starts from a {dst} or pretraining "
                       "checkpoint")
+  if dst == "caption":
+    text = {k: ({n: v for n, v in layer.items() if n != "self_attn_dec"} | {"self_attn": layer["self_attn_dec"]})
+                if k.startswith("layer_") else layer for k, layer in params["text_encoder"].items()}
+    return {"visual_encoder": params["visual_encoder"], "text_decoder": text}, {}
   from blip_jax.train.step import momentum_view
   return {**momentum_view(params), "temp": params["temp"], "itm_head": params["itm_head"]}, extras
 

@@ -1,0 +1,276 @@
+"""Image captioning (blip_facts §5.2): generation over an annotation file, COCO caption metrics,
+and the per-epoch evaluation of caption fine-tuning.
+
+The official evaluation: every image of the split is resized (bicubic, 384) and captioned with the
+prompt "a picture of " (beam 3, max 20, min 5 tokens counting the prompt; NoCaps adds a repetition
+penalty 1.1); the captions are written in the COCO results format [{"image_id", "caption"}] and
+scored with pycocoevalcap against the split's references (blip_jax.metrics.caption).
+
+Across hosts: process p captions images p, p+P, ...; the captions (as UTF-8 bytes) are gathered,
+so every process returns all of them; within a host a batch is split over the local devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import io
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+# The official settings (train_caption.py / configs/caption_coco.yaml, eval_nocaps.py / nocaps.yaml)
+DECODING = {
+    "coco": dict(num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0, length_normalization="official"),
+    "nocaps": dict(num_beams=3, max_length=20, min_length=5, repetition_penalty=1.1, length_normalization="official"),
+}
+PROMPT = "a picture of "
+_CAPTION_BYTES = 1024  # a caption as gathered across hosts (20 tokens are far shorter)
+
+
+@dataclasses.dataclass
+class CaptionSet:
+  """The images of an evaluation split, their ids and (when known) their reference captions."""
+  paths: list
+  image_ids: list
+  references: Optional[dict]  # {image_id: [captions]}, None when the split has none (NoCaps)
+
+
+def read_caption_set(annotations: str, image_root: str = "", gt: str = "") -> CaptionSet:
+  """A Karpathy-style split ([{"image", "caption": [..]}], entries of one image merged), or images
+  alone ([{"image", "img_id"}], NoCaps). Image ids: the entry's "image_id" / "img_id", else the
+  number in the file name (the official code's rule). References: the entries' captions, or a
+  COCO-format file `gt` (e.g. coco_karpathy_test_gt.json), which must cover every image."""
+  from blip_jax.data.annotations import read_entries
+  from blip_jax.metrics.caption import image_id_of, read_coco_references
+  entries = read_entries(annotations)
+  paths, ids, refs, seen = [], [], {}, {}
+  for n, e in enumerate(entries):
+    if not isinstance(e, dict) or "image" not in e:
+      raise ValueError(f"{annotations}: entry {n} has no 'image' (got "
+                       f"{sorted(e) if isinstance(e, dict) else type(e).__name__}); caption evaluation reads "
+                       "[{'image': path, 'caption': [..]}] or [{'image': path, 'img_id': id}]")
+    e = dict(e, image_id=e["img_id"]) if "img_id" in e and "image_id" not in e else e
+    i = image_id_of(e)
+    if i in seen and seen[i] != e["image"]:
+      raise ValueError(f"{annotations}: image id {i!r} names two images ({seen[i]}, {e['image']})")
+    if i not in seen:
+      seen[i] = e["image"]
+      paths.append(e["image"] if os.path.isabs(e["image"]) or "://" in e["image"] else os.path.join(image_root, e["image"]))
+      ids.append(i)
+    if "caption" in e:
+      caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+      refs.setdefault(i, []).extend(caps)
+  if gt:
+    refs = read_coco_references(gt)
+    missing = [i for i in ids if i not in refs]
+    if missing:
+      raise ValueError(f"{gt}: no references for {len(missing)} of the {len(ids)} images, e.g. image ids "
+                       f"{missing[:3]} (the annotations' ids: the 'image_id' field or the file name's number)")
+    refs = {i: refs[i] for i in ids}
+  elif refs and len(refs) != len(ids):
+    raise ValueError(f"{annotations}: {len(ids) - len(refs)} images have no 'caption'; give references for all "
+                     "or none (then pass --gt)")
+  return CaptionSet(paths, ids, refs or None)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+def generate_captions(model, paths: list, *, batch_size: int = 32, prompt: str = PROMPT, progress: bool = True,
+                      workers: int = 8, devices=None, **decoding):
+  """Captions of `paths` (this process: p, p+P, ...; all gathered). Returns (captions [str | None],
+  {index: error} of the undecodable images, {"encode_s", "decode_s", "images"} of this process)."""
+  import jax
+  from tqdm import tqdm
+  from blip_jax.caption import DataParallel, map_ahead, pad_rows
+  from blip_jax.preprocess import ImageDecodeError, preprocess
+  if model.tokenizer is None:
+    raise ValueError("the checkpoint has no tokenizer: pass --vocab path/to/vocab.txt")
+  P, me = jax.process_count(), jax.process_index()
+  dp = DataParallel(devices)
+  model.params = dp.put_params(model.params)
+  size = model.config.vision.image_size
+  mine = np.arange(me, len(paths), P)
+  rows = dp.round_batch(min(batch_size, max(len(mine), 1)))
+
+  def load(i):
+    try:
+      return i, preprocess([paths[i]], size)[0], None
+    except ImageDecodeError as e:
+      return i, None, str(e)
+
+  local = [None] * len(mine)
+  errors, stats = {}, {"encode_s": 0.0, "decode_s": 0.0, "images": 0}
+  with tqdm(total=len(mine), unit="img", desc="captioning", file=sys.stderr, disable=not progress, leave=False) as bar:
+    for results in map_ahead(load, (mine[s:s + rows] for s in range(0, len(mine), rows)), workers=workers):
+      good = [(i, x) for i, x, _ in results if x is not None]
+      errors.update({i: e for i, _, e in results if e is not None})
+      if good:
+        t0 = time.time()
+        embeds = model.encode_image(dp.put_batch(pad_rows(np.stack([x for _, x in good]), rows)))
+        embeds.block_until_ready()
+        t1 = time.time()
+        texts = model.generate_from_embeds(embeds, prompt, **decoding)
+        stats["encode_s"] += t1 - t0
+        stats["decode_s"] += time.time() - t1
+        stats["images"] += len(good)
+        for (i, _), t in zip(good, texts):
+          local[i // P] = t
+      bar.update(len(results))
+  for i, e in sorted(errors.items()):
+    print(f"warning: skipped {e}", file=sys.stderr)
+  return _gather_captions(local, len(paths), P, me), errors, stats
+
+
+def _gather_captions(local: list, n: int, count: int, index: int) -> list:
+  """Process p's captions of images p, p+P, ... -> every image's caption (None: not decodable)."""
+  if count == 1:
+    return local
+  from blip_jax.tasks.retrieval import _allgather_strided
+  buf = np.zeros((len(local), _CAPTION_BYTES + 1), np.uint8)  # last byte: 1 = has a caption
+  for r, t in enumerate(local):
+    if t is not None:
+      b = t.encode("utf-8")[:_CAPTION_BYTES]
+      buf[r, :len(b)], buf[r, -1] = np.frombuffer(b, np.uint8), 1
+  every = _allgather_strided(buf, n, count, index)
+  return [bytes(row[:-1]).rstrip(b"\0").decode("utf-8", "ignore") if row[-1] else None for row in every]
+
+
+# ---- the evaluation -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class CaptionResult:
+  results: list  # [{"image_id", "caption"}] of the captioned images (the COCO results format)
+  metrics: dict  # {"Bleu_4": ..., "CIDEr": ...} (pycocoevalcap's fractions); {} without references
+  per_image: dict  # {metric: {image_id: value}}
+  skipped_metrics: dict  # {metric: reason}
+  skipped_images: list  # [(path, error)]
+  captions: dict  # {image_id: caption}
+  cset: CaptionSet
+  stats: dict
+
+
+def evaluate_captions(model, cset: CaptionSet, *, batch_size: int = 32, prompt: str = PROMPT, spice: str = "auto",
+                      progress: bool = True, score: bool = True, **decoding) -> CaptionResult:
+  """Captions every image of `cset` (official decoding unless overridden) and scores them."""
+  import contextlib
+  from blip_jax.metrics.caption import score_captions
+  decoding = {**DECODING["coco"], **decoding}
+  t0 = time.time()
+  caps, errors, stats = generate_captions(model, cset.paths, batch_size=batch_size, prompt=prompt,
+                                          progress=progress, **decoding)
+  stats["generate_s"] = time.time() - t0
+  captions = {i: c for i, c in zip(cset.image_ids, caps) if c is not None}
+  results = [{"image_id": i, "caption": c} for i, c in captions.items()]
+  skipped_images = [(cset.paths[i], errors.get(i, "not decodable (on another host)"))
+                    for i, c in enumerate(caps) if c is None]
+  metrics, per, skipped = {}, {}, {}
+  if not captions:
+    raise ValueError(f"no image could be captioned: {len(skipped_images)} of {len(cset.paths)} undecodable")
+  if cset.references is None:
+    skipped["all"] = "no references: the annotations have no captions and no --gt was given"
+  elif score:
+    t0 = time.time()
+    with contextlib.redirect_stdout(sys.stderr):  # pycocoevalcap prints its progress
+      r = score_captions(cset.references, captions, spice=spice)
+    metrics, per, skipped = r["metrics"], r["per_image"], r["skipped"]
+    stats["metrics_s"] = time.time() - t0
+  stats["decoding"] = dict(decoding, prompt=prompt)
+  return CaptionResult(results, metrics, per, skipped, skipped_images, captions, cset, stats)
+
+
+def write_outputs(result: CaptionResult, out_dir: str, *, html_page: bool = False, thumbnail: int = 160) -> None:
+  """DIR/captions.json (COCO results format; NoCaps: the evaluation server's file), DIR/metrics.json
+  and, with html_page, DIR/captions.html. DIR may be a URL; each file appears whole."""
+  from blip_jax import fs
+  fs.write_json(fs.join(out_dir, "captions.json"), result.results)
+  fs.write_json(fs.join(out_dir, "metrics.json"), {
+      **result.metrics, "skipped_metrics": result.skipped_metrics,
+      "images": len(result.cset.paths), "captioned": len(result.results),
+      "skipped_images": [{"path": p, "error": e} for p, e in result.skipped_images],
+      "stats": result.stats}, indent=2)
+  if html_page:
+    fs.write_text(fs.join(out_dir, "captions.html"), render_html(result, thumbnail))
+
+
+def render_html(result: CaptionResult, thumbnail: int = 160) -> str:
+  """A page of thumbnails with the generated and reference captions and per-image CIDEr, worst first
+  (images without a score last)."""
+  import base64
+  from PIL import Image
+  from blip_jax.preprocess import to_pil
+  cider = result.per_image.get("CIDEr", {})
+  order = sorted(result.captions, key=lambda i: (i not in cider, cider.get(i, 0.0)))
+  path_of = dict(zip(result.cset.image_ids, result.cset.paths))
+  rows = []
+  for i in order:
+    try:
+      img = to_pil(path_of[i])
+      img.thumbnail((thumbnail, thumbnail), Image.BICUBIC)
+      buf = io.BytesIO()
+      img.convert("RGB").save(buf, "JPEG", quality=85)
+      src = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    except Exception:  # noqa: BLE001  (a thumbnail that fails leaves the row without a picture)
+      src = ""
+    refs = (result.cset.references or {}).get(i, [])
+    score = f"{100 * cider[i]:.1f}" if i in cider else "-"
+    rows.append(f'<tr><td><img src="{src}" alt="{html.escape(str(i))}"></td><td>{html.escape(str(i))}</td>'
+                f"<td>{score}</td><td><b>{html.escape(result.captions[i])}</b></td>"
+                f"<td>{'<br>'.join(html.escape(r) for r in refs)}</td></tr>")
+  head = "  ".join(f"{k} {100 * v:.1f}" for k, v in result.metrics.items())
+  return ("<!doctype html><meta charset='utf-8'><title>blip_jax captions</title>"
+          "<style>body{font-family:sans-serif}td{vertical-align:top;padding:4px;border-bottom:1px solid #ddd}"
+          "</style>"
+          f"<h1>Captions ({len(order)} images)</h1><p>{html.escape(head)}</p>"
+          "<p>Sorted by per-image CIDEr, worst first.</p><table><tr><th>image</th><th>id</th><th>CIDEr</th>"
+          "<th>generated</th><th>references</th></tr>" + "".join(rows) + "</table>\n")
+
+
+def format_metrics(result: CaptionResult) -> str:
+  from blip_jax.metrics.caption import format_metrics as fm
+  out = fm(result.metrics) or "no metrics"
+  for k, why in result.skipped_metrics.items():
+    out += f"\n{k} skipped: {why}"
+  return out
+
+
+# ---- fine-tuning (the shared trainer calls these) -----------------------------------------------
+def check_training_config(c):
+  """Eval splits readable (and their references complete), the decoding settings valid, before
+  any compute."""
+  from blip_jax.models.generate import LENGTH_NORMALIZATIONS
+  if c.eval.length_normalization not in LENGTH_NORMALIZATIONS:
+    raise ValueError(f"eval.length_normalization must be one of {LENGTH_NORMALIZATIONS}")
+  if c.eval.spice not in ("auto", "download", "off"):
+    raise ValueError("eval.spice must be auto, download or off")
+  for split, path in c.eval.annotations.items():
+    if path:
+      cs = read_caption_set(path, c.eval.image_root, c.eval.gt.get(split, ""))
+      if cs.references is None:
+        raise ValueError(f"eval.annotations.{split} ({path}) has no captions to score against: give eval.gt.{split}")
+
+
+def evaluate_splits(c, model) -> dict:
+  """Captions and metrics of each eval split: {"val/CIDEr": .., "val/CIDEr+Bleu_4": .., ...}, and
+  TensorBoard samples (the first eval.samples images of the first split with their captions)."""
+  out, samples = {}, {}
+  decoding = dict(num_beams=c.eval.num_beams, max_length=c.eval.max_length, min_length=c.eval.min_length,
+                  repetition_penalty=c.eval.repetition_penalty, length_normalization=c.eval.length_normalization)
+  for split, path in c.eval.annotations.items():
+    if not path:
+      continue
+    cs = read_caption_set(path, c.eval.image_root, c.eval.gt.get(split, ""))
+    r = evaluate_captions(model, cs, batch_size=c.eval.batch_size, prompt=c.data.pipeline.prompt,
+                          spice=c.eval.spice, progress=False, **decoding)
+    out.update({f"{split}/{k}": v for k, v in r.metrics.items()})
+    out[f"{split}/CIDEr+Bleu_4"] = r.metrics["CIDEr"] + r.metrics["Bleu_4"]  # official selection
+    if not samples and c.eval.samples:
+      ids = [i for i in cs.image_ids if i in r.captions][:c.eval.samples]
+      path_of = dict(zip(cs.image_ids, cs.paths))
+      from blip_jax.preprocess import to_pil
+      from PIL import Image
+      imgs = np.stack([np.asarray(to_pil(path_of[i]).convert("RGB").resize((128, 128), Image.BICUBIC)) for i in ids])
+      samples[f"{split}/captions"] = (imgs, [f"{i}: {r.captions[i]}  (reference: {cs.references[i][0]})" for i in ids])
+  if samples:
+    out["samples"] = samples
+  return out
