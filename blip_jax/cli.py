@@ -206,8 +206,8 @@ def cmd_eval_retrieval(a):
 def cmd_eval_caption(a):
   from blip_jax.tasks import caption as C
   from blip_jax import fs
-  if a.beams > 1 and a.top_p is not None:
-    sys.exit("error: choose --beams N or --top-p P, not both")
+  if a.top_p is not None:
+    a.beams = 1  # nucleus sampling replaces the default beam search
   fs.check_output(a.out, a.overwrite, "--out")
   cset = C.read_caption_set(a.annotations, a.image_root, a.gt or "")
   from blip_jax.train import launch

@@ -30,8 +30,8 @@ def coco_gt_file(path, entries):
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-  """The first 60 images of COCO-mini's test half, their COCO-format GT, and three candidate sets:
-  a reference of each image (perfect), a reference of another image (shuffled), and a mix."""
+  """The first 60 images of COCO-mini's test half, their COCO-format GT, and candidates: a
+  reference of each image (perfect), of another image (shuffled), and a random mix of the two."""
   entries = json.load(open(TEST_JSON))[:60]
   d = tmp_path_factory.mktemp("capsplit")
   coco_gt_file(str(d / "gt.json"), entries)
@@ -91,10 +91,14 @@ def test_metrics_equal_cocoevalcap_and_gt_files_agree(split, monkeypatch):
       assert ours["per_image"][name][i] == ref.imgToEval[i][name], (name, i)
   assert "SPICE" not in ours["metrics"] and "turned off" in ours["skipped"]["SPICE"]
 
-  good = score_captions(from_json.references, perfect, spice="off")["metrics"]
-  bad = score_captions(from_json.references, shuffled, spice="off")["metrics"]
-  for name in good:
-    assert good[name] > bad[name] + 0.1, (name, good[name], bad[name])
+  # the images given one of their own references score higher than those given another image's,
+  # on every metric (one scoring of the mixed set: each Java start costs seconds)
+  own = [i for i in mixed if mixed[i] == perfect[i]]
+  other = [i for i in mixed if mixed[i] != perfect[i]]
+  assert len(own) > 20 and len(other) > 20
+  for name, per in ours["per_image"].items():
+    good, bad = np.mean([per[i] for i in own]), np.mean([per[i] for i in other])
+    assert good > bad + 0.1, (name, good, bad)
 
 
 def test_spice_without_its_jars_is_reported_not_raised(split):

@@ -15,6 +15,7 @@ import dataclasses
 import html
 import io
 import os
+import subprocess
 import sys
 import time
 from typing import Optional
@@ -171,9 +172,12 @@ def evaluate_captions(model, cset: CaptionSet, *, batch_size: int = 32, prompt: 
     skipped["all"] = "no references: the annotations have no captions and no --gt was given"
   elif score:
     t0 = time.time()
-    with contextlib.redirect_stdout(sys.stderr):  # pycocoevalcap prints its progress
-      r = score_captions(cset.references, captions, spice=spice)
-    metrics, per, skipped = r["metrics"], r["per_image"], r["skipped"]
+    try:
+      with contextlib.redirect_stdout(sys.stderr):  # pycocoevalcap prints its progress
+        r = score_captions(cset.references, captions, spice=spice)
+      metrics, per, skipped = r["metrics"], r["per_image"], r["skipped"]
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:  # no Java, a scorer's Java died
+      skipped["all"] = f"scoring failed ({type(e).__name__}: {e}); the captions are written"
     stats["metrics_s"] = time.time() - t0
   stats["decoding"] = dict(decoding, prompt=prompt)
   return CaptionResult(results, metrics, per, skipped, skipped_images, captions, cset, stats)
@@ -263,7 +267,10 @@ def evaluate_splits(c, model) -> dict:
     r = evaluate_captions(model, cs, batch_size=c.eval.batch_size, prompt=c.data.pipeline.prompt,
                           spice=c.eval.spice, progress=False, **decoding)
     out.update({f"{split}/{k}": v for k, v in r.metrics.items()})
-    out[f"{split}/CIDEr+Bleu_4"] = r.metrics["CIDEr"] + r.metrics["Bleu_4"]  # official selection
+    if "CIDEr" in r.metrics:
+      out[f"{split}/CIDEr+Bleu_4"] = r.metrics["CIDEr"] + r.metrics["Bleu_4"]  # official selection
+    else:  # no best model is picked from this evaluation; training goes on
+      print(f"warning: {split} not scored: {r.skipped_metrics}", file=sys.stderr)
     if not samples and c.eval.samples:
       ids = [i for i in cs.image_ids if i in r.captions][:c.eval.samples]
       path_of = dict(zip(cs.image_ids, cs.paths))
