@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--images", type=int, default=16, help="COCO-mini test images to caption")
