@@ -18,7 +18,7 @@ Data: Karpathy JSON (train: one entry per caption; val/test: {"image", "caption"
 """
 import ml_collections as mlc
 
-from blip_jax.train.config_base import base
+from blip_jax.train.config_base import COCO_MINI, base, tiny_demo
 
 
 def get_config(variant="coco"):
@@ -48,19 +48,14 @@ def get_config(variant="coco"):
   if variant == "coco":
     pass
   elif variant == "demo":
-    coco = "../shared/data/coco_karpathy_mini"
-    c.data.source.update(annotations=(f"{coco}/captions_karpathy_val.json",), image_root=coco)
-    c.eval.annotations.update(val=f"{coco}/captions_karpathy_test.json")
-    c.eval.update(image_root=coco, batch_size=64)
-    c.model.update(vit="", image_size=64)
-    c.model.vision.update(width=64, depth=2, heads=2, mlp_dim=256, patch=16)
-    c.model.text.update(width=64, depth=2, heads=2, mlp_dim=256, max_positions=64, dropout=0.0, vocab_size=1024)
+    tiny_demo(c)
+    c.eval.annotations.val = f"{COCO_MINI}/captions_karpathy_test.json"  # scored on the test half
+    c.eval.batch_size = 64
+    c.model.text.vocab_size = 1024
     c.tokenizer.update(type="sentencepiece", vocab_size=1000)  # trained on the captions: a small LM head
-    c.data.pipeline.update(crop_scale=(0.8, 1.0), randaug=False, threads=2)
     c.batch_size, c.epochs = 16, 8
     c.eval.every_epochs = 4
     c.optim.update(lr=2e-3, min_lr=1e-4)
-    c.log_every, c.checkpoint_every = 10, 1000
   else:
     raise ValueError(f"unknown variant {variant!r}: coco or demo")
   c.lock()

@@ -16,7 +16,7 @@ Data: Karpathy JSON (train: one entry per caption with "image_id"; val/test: {"i
 """
 import ml_collections as mlc
 
-from blip_jax.train.config_base import base
+from blip_jax.train.config_base import COCO_MINI, base, tiny_demo
 
 
 def get_config(variant="coco"):
@@ -41,17 +41,11 @@ def get_config(variant="coco"):
     c.loss.itm_scope = "local"  # official Flickr: negative_all_rank False
     c.eval.k = 128
   elif variant == "demo":
-    coco = "../shared/data/coco_karpathy_mini"
-    c.data.source.update(annotations=(f"{coco}/captions_karpathy_val.json",), image_root=coco)
-    c.eval.annotations.update(test=f"{coco}/captions_karpathy_test.json")
-    c.eval.update(image_root=coco, k=16)
-    c.model.update(vit="", image_size=64)
-    c.model.vision.update(width=64, depth=2, heads=2, mlp_dim=256, patch=16)
-    c.model.text.update(width=64, depth=2, heads=2, mlp_dim=256, max_positions=64, dropout=0.0)
-    c.data.pipeline.update(crop_scale=(0.8, 1.0), randaug=False, threads=2)
+    tiny_demo(c)
+    c.eval.annotations.test = f"{COCO_MINI}/captions_karpathy_test.json"
+    c.eval.k = 16
     c.batch_size, c.loss.queue_size, c.epochs = 32, 256, 3
     c.optim.update(lr=5e-4, min_lr=1e-5)
-    c.log_every, c.checkpoint_every = 10, 1000
   else:
     raise ValueError(f"unknown variant {variant!r}: coco, flickr or demo")
   c.lock()

@@ -48,3 +48,19 @@ def base():
                                source=mlc.ConfigDict(dict(kind="synthetic", num_examples=256, image_size=48,
                                                           seed=0, split="val"))))
   return c
+
+
+COCO_MINI = "../shared/data/coco_karpathy_mini"  # the demos' data, relative to the repository root
+
+
+def tiny_demo(c):
+  """The fine-tuning demos: COCO-mini's val half to train on (eval images under the same root),
+  a model of ViT 64 wide, 2 layers, 64 px and text 64 wide, 2 layers; light augmentation (a CPU
+  trains it in a minute or two)."""
+  c.data.source.update(annotations=(f"{COCO_MINI}/captions_karpathy_val.json",), image_root=COCO_MINI)
+  c.eval.image_root = COCO_MINI
+  c.model.update(vit="", image_size=64)
+  c.model.vision.update(width=64, depth=2, heads=2, mlp_dim=256, patch=16)
+  c.model.text.update(width=64, depth=2, heads=2, mlp_dim=256, max_positions=64, dropout=0.0)
+  c.data.pipeline.update(crop_scale=(0.8, 1.0), randaug=False, threads=2)
+  c.log_every, c.checkpoint_every = 10, 1000
