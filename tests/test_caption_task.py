@@ -107,12 +107,13 @@ def test_metrics_equal_cocoevalcap_and_gt_files_agree(split, monkeypatch):
 # ---- fine-tuning a tiny captioner on COCO-mini ---------------------------------------------------
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-  """configs/caption.py:demo (COCO-mini val half, 1000 pairs; scored on the test half), evaluated
-  before the first step and after 8 epochs."""
+  """configs/caption.py:demo (COCO-mini val half, 1000 pairs; scored on the test half), shortened
+  to 6 epochs at a higher learning rate (suite time), evaluated before the first step and after."""
   from configs.caption import get_config
   from blip_jax.train.trainer import train
   c = get_config("demo")
-  c.eval.at_start, c.eval.every_epochs, c.log_every = True, 8, 100
+  c.epochs, c.optim.lr = 6, 3e-3
+  c.eval.at_start, c.eval.every_epochs, c.log_every = True, 6, 50
   work = str(tmp_path_factory.mktemp("capft") / "w")
   result = train(c, work)
   return work, result
@@ -122,15 +123,15 @@ def test_finetuning_raises_cider_and_logs_to_tensorboard(finetuned):
   work, result = finetuned
   rows = [json.loads(x) for x in open(os.path.join(work, "metrics.jsonl"))]
   evals = [r for r in rows if "eval/val/CIDEr" in r]
-  assert [r["epoch"] for r in evals] == [0, 8]
+  assert [r["epoch"] for r in evals] == [0, 6]
   start, end = evals[0], evals[-1]
-  # measured here: CIDEr 0.01 -> 0.09, BLEU-4 0.00 -> 0.04 (the random model repeats one word)
-  assert start["eval/val/CIDEr"] < 0.02 and end["eval/val/CIDEr"] > max(0.06, 5 * start["eval/val/CIDEr"]), (start, end)
-  assert end["eval/val/Bleu_4"] > start["eval/val/Bleu_4"] + 0.02
+  # measured here: CIDEr 0.007 -> 0.077, BLEU-4 0.000 -> 0.032 (the random model repeats one word)
+  assert start["eval/val/CIDEr"] < 0.02 and end["eval/val/CIDEr"] > max(0.05, 5 * start["eval/val/CIDEr"]), (start, end)
+  assert end["eval/val/Bleu_4"] > start["eval/val/Bleu_4"] + 0.015
   train_rows = [r for r in rows if "loss_lm" in r]
   assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 1.0 and "loss_itc" not in train_rows[0]
   best = json.load(open(os.path.join(work, "best", "best.json")))
-  assert best["epoch"] == 8 and best["metric"] == "val/CIDEr+Bleu_4"
+  assert best["epoch"] == 6 and best["metric"] == "val/CIDEr+Bleu_4"
   assert best["value"] == pytest.approx(end["eval/val/CIDEr"] + end["eval/val/Bleu_4"])
 
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -144,7 +145,7 @@ def test_finetuning_raises_cider_and_logs_to_tensorboard(finetuned):
   assert any(t.startswith("eval/val/captions") for t in images), tags
   steps = {e.step for e in acc.Images("eval/val/captions")} if tags["images"] else {
       e.step for t in tags["tensors"] if t == "eval/val/captions" for e in acc.Tensors(t)}
-  assert steps == {0, 8 * 62}
+  assert steps == {0, 6 * 62}
 
 
 def test_eval_caption_cli_reproduces_the_training_figures(finetuned, tmp_path, monkeypatch, capsys):
