@@ -33,21 +33,25 @@ def read_entries(files: str | Sequence[str]) -> list:
   return entries
 
 
-def caption_groups(entries: list, key: str = "image", source: str = "annotations") -> list:
+def caption_groups(entries: list, key: str = "image", source: str = "annotations", *,
+                   captions_required: bool = True) -> list:
   """Caption entries grouped by image (or video: key='clip_name'), in order of first appearance:
   [{key: ..., "texts": [...], ["image_id"]}]. Entries may hold one caption (pretraining, Karpathy
-  train) or a list (Karpathy val/test). An entry of another shape fails, naming it."""
+  train) or a list (Karpathy val/test); with captions_required=False, none (images to caption,
+  e.g. NoCaps {"image", "img_id"}: img_id is kept as image_id). An entry of another shape fails,
+  naming it."""
   groups: dict = {}
   for n, e in enumerate(entries):
-    if not isinstance(e, dict) or key not in e or "caption" not in e:
+    if not isinstance(e, dict) or key not in e or ("caption" not in e and captions_required):
       raise ValueError(f"{source}: entry {n} has no {key!r} and 'caption' "
                        f"(got {sorted(e) if isinstance(e, dict) else type(e).__name__}); caption annotations are "
                        f"[{{{key!r}: ..., 'caption': str | [str, ...]}}, ...]")
-    caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+    caps = e.get("caption", [])
+    caps = caps if isinstance(caps, list) else [caps]
     if not all(isinstance(c, str) for c in caps):
       raise ValueError(f"{source}: entry {n}: captions must be strings")
     g = groups.setdefault(e[key], {key: e[key], "texts": []})
     g["texts"] += caps
-    if "image_id" in e:
-      g["image_id"] = e["image_id"]
+    if "image_id" in e or "img_id" in e:
+      g["image_id"] = e.get("image_id", e.get("img_id"))
   return list(groups.values())

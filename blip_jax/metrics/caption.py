@@ -8,7 +8,7 @@ SPICE also needs Stanford CoreNLP 3.6.0 jars, which pycocoevalcap downloads on f
 nlp.stanford.edu: it is computed when they are present (or spice="download" fetches them), and
 otherwise reported as skipped, with the reason, instead of a score.
 
-References: {image_id: [caption, ...]} from Karpathy-style annotations (`references_from_entries`)
+References: {image_id: [caption, ...]}, from Karpathy-style annotations (tasks.caption.read_caption_set)
 or a COCO-format file such as the official coco_karpathy_test_gt.json (`read_coco_references`).
 """
 from __future__ import annotations
@@ -35,26 +35,16 @@ def use_packaged_java() -> str:
   return java
 
 
-def image_id_of(entry: dict, path: str | None = None):
-  """The image id of an annotation entry: its "image_id" field when present (ints stay ints), else
-  the number at the end of the file name as the official code takes it (COCO_val2014_000000391895.jpg
-  -> 391895), else the file name."""
+def image_id_of(entry: dict):
+  """The image id of an annotation entry (or caption group): its "image_id" field when present
+  (digit strings become ints), else the number at the end of the file name as the official code
+  takes it (COCO_val2014_000000391895.jpg -> 391895), else the file name."""
   if "image_id" in entry:
     v = entry["image_id"]
     return int(v) if isinstance(v, str) and v.isdigit() else v
-  name = os.path.splitext(os.path.basename(path or entry.get("image", "")))[0]
+  name = os.path.splitext(os.path.basename(entry.get("image", "")))[0]
   m = re.search(r"(\d+)$", name)
   return int(m.group(1)) if m else name
-
-
-def references_from_entries(entries: list) -> dict:
-  """{image_id: [captions]} of Karpathy-style entries ({"image", "caption": str | [str]}; entries of
-  one image are merged)."""
-  refs: dict = {}
-  for e in entries:
-    caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-    refs.setdefault(image_id_of(e), []).extend(caps)
-  return refs
 
 
 def read_coco_references(path: str) -> dict:

@@ -44,26 +44,19 @@ def read_caption_set(annotations: str, image_root: str = "", gt: str = "") -> Ca
   alone ([{"image", "img_id"}], NoCaps). Image ids: the entry's "image_id" / "img_id", else the
   number in the file name (the official code's rule). References: the entries' captions, or a
   COCO-format file `gt` (e.g. coco_karpathy_test_gt.json), which must cover every image."""
-  from blip_jax.data.annotations import read_entries
+  from blip_jax.data.annotations import caption_groups, read_entries
   from blip_jax.metrics.caption import image_id_of, read_coco_references
-  entries = read_entries(annotations)
+  groups = caption_groups(read_entries(annotations), "image", annotations, captions_required=False)
   paths, ids, refs, seen = [], [], {}, {}
-  for n, e in enumerate(entries):
-    if not isinstance(e, dict) or "image" not in e:
-      raise ValueError(f"{annotations}: entry {n} has no 'image' (got "
-                       f"{sorted(e) if isinstance(e, dict) else type(e).__name__}); caption evaluation reads "
-                       "[{'image': path, 'caption': [..]}] or [{'image': path, 'img_id': id}]")
-    e = dict(e, image_id=e["img_id"]) if "img_id" in e and "image_id" not in e else e
-    i = image_id_of(e)
-    if i in seen and seen[i] != e["image"]:
-      raise ValueError(f"{annotations}: image id {i!r} names two images ({seen[i]}, {e['image']})")
-    if i not in seen:
-      seen[i] = e["image"]
-      paths.append(e["image"] if os.path.isabs(e["image"]) or "://" in e["image"] else os.path.join(image_root, e["image"]))
-      ids.append(i)
-    if "caption" in e:
-      caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-      refs.setdefault(i, []).extend(caps)
+  for g in groups:
+    i = image_id_of(g)
+    if i in seen:
+      raise ValueError(f"{annotations}: image id {i!r} names two images ({seen[i]}, {g['image']})")
+    seen[i] = g["image"]
+    paths.append(g["image"] if os.path.isabs(g["image"]) or "://" in g["image"] else os.path.join(image_root, g["image"]))
+    ids.append(i)
+    if g["texts"]:
+      refs[i] = g["texts"]
   if gt:
     refs = read_coco_references(gt)
     missing = [i for i in ids if i not in refs]
@@ -128,13 +121,13 @@ def _gather_captions(local: list, n: int, count: int, index: int) -> list:
   """Process p's captions of images p, p+P, ... -> every image's caption (None: not decodable)."""
   if count == 1:
     return local
-  from blip_jax.tasks.retrieval import _allgather_strided
+  from blip_jax.train.launch import allgather_strided
   buf = np.zeros((len(local), _CAPTION_BYTES + 1), np.uint8)  # last byte: 1 = has a caption
   for r, t in enumerate(local):
     if t is not None:
       b = t.encode("utf-8")[:_CAPTION_BYTES]
       buf[r, :len(b)], buf[r, -1] = np.frombuffer(b, np.uint8), 1
-  every = _allgather_strided(buf, n, count, index)
+  every = allgather_strided(buf, n, count, index)
   return [bytes(row[:-1]).rstrip(b"\0").decode("utf-8", "ignore") if row[-1] else None for row in every]
 
 

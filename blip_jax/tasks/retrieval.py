@@ -35,6 +35,7 @@ import numpy as np
 from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
 from blip_jax.metrics.retrieval import recall_at_k
+from blip_jax.train.launch import allgather_strided
 
 
 # ---- what is evaluated ----------------------------------------------------------------------------
@@ -123,22 +124,6 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
   part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
   order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
   return np.take_along_axis(part, order, axis=1)
-
-
-def _allgather_strided(local: np.ndarray, n: int, count: int, index: int) -> np.ndarray:
-  """Rows r of process p are global rows p + r * count: gathers them all into [n, ...]."""
-  if count == 1:
-    return local
-  from jax.experimental import multihost_utils
-  per = -(-n // count)
-  pad = np.zeros((per,) + local.shape[1:], local.dtype)
-  pad[:len(local)] = local
-  every = np.asarray(multihost_utils.process_allgather(pad))  # [P, per, ...]
-  out = np.empty((n,) + local.shape[1:], local.dtype)
-  for p in range(count):
-    rows = np.arange(p, n, count)
-    out[rows] = every[p, :len(rows)]
-  return out
 
 
 def candidate_rows(topk_i2t: np.ndarray, topk_t2i: np.ndarray, n_texts: int, per_row: int,
@@ -290,7 +275,7 @@ def _text_features(cfg, params, dp, ids, mask, batch, progress):
       f = text_features(cfg, params, dp.put_batch(pad_rows(ids[sel, :L], rows)), dp.put_batch(pad_rows(mask[sel, :L], rows)))
       feats[at] = np.asarray(f)[:len(sel)]
       bar.update(len(sel))
-  return _allgather_strided(feats, len(ids), P, me)
+  return allgather_strided(feats, len(ids), P, me)
 
 
 def _encode_items(cfg, params, dp, gallery, frames, batch_size, workers, progress):
@@ -330,7 +315,7 @@ def _encode_items(cfg, params, dp, gallery, frames, batch_size, workers, progres
           tokens[i] = e[r]
           feat[i // P], ok[i // P] = f[r], True  # item i is this process's row i // P
       bar.update(len(results))
-  return tokens, _allgather_strided(feat, n, P, me), _allgather_strided(ok, n, P, me), errors
+  return tokens, allgather_strided(feat, n, P, me), allgather_strided(ok, n, P, me), errors
 
 
 def _drop_unreadable(gallery, ok, blank, errors):

@@ -1,5 +1,10 @@
-"""Multi-host start-up: jax.distributed.initialize() where the environment calls for it."""
+"""Multi-host start-up (jax.distributed.initialize() where the environment calls for it) and the
+host-level collectives the loops and evaluations share."""
+from __future__ import annotations
+
 import os
+
+import numpy as np
 
 
 def maybe_initialize_distributed():
@@ -21,3 +26,20 @@ def sync_hosts(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def allgather_strided(local: np.ndarray, n: int, count: int, index: int) -> np.ndarray:
+  """Rows r of process p are global rows p + r * count (work split over hosts p, p+P, ...): gathers
+  them all into [n, ...] on every process."""
+  if count == 1:
+    return local
+  from jax.experimental import multihost_utils
+  per = -(-n // count)
+  pad = np.zeros((per,) + local.shape[1:], local.dtype)
+  pad[:len(local)] = local
+  every = np.asarray(multihost_utils.process_allgather(pad))  # [P, per, ...]
+  out = np.empty((n,) + local.shape[1:], local.dtype)
+  for p in range(count):
+    rows = np.arange(p, n, count)
+    out[rows] = every[p, :len(rows)]
+  return out
