@@ -5,6 +5,8 @@
     ids, mask = model.tokenize(texts)     # needs a tokenizer (in the checkpoint, or vocab=...)
     model.image_feat(pixels); model.text_feat(ids, mask); model.itm_logits(pixels, ids, mask)
     model.lm_logits(pixels, ids, mask); model.lm_loss(pixels, ids, mask, label_smoothing=0.1)
+    model.generate(pixels)                            # captions (caption / pretraining models)
+    model.answer(images, questions, candidates=None)  # VQA: rank a candidate list, or generate
 
 Every method is one jitted function per (config, method, input shapes), shared by all models of
 the same config, so loading twice does not compile twice.
@@ -107,6 +109,59 @@ class BlipModel:
   def vqa_answer_logits(self, pixels, q_ids, q_mask, a_ids, a_mask):
     self._require("answer decoder", self.config.kind == "vqa")
     return _vqa_answer_logits(self.config, self.params, *map(jnp.asarray, (pixels, q_ids, q_mask, a_ids, a_mask)))
+
+  def answer(self, images, questions, candidates=None, k: int = 128, num_beams: int = 3, *,
+             max_length: int = 10, min_length: int = 1, length_normalization: str = "official",
+             batch_size: int = 16):
+    """One answer string per question (official blip_vqa). images: as `preprocess` takes them (one
+    per question, or one for all), or preprocessed pixels [B, H, W, 3]; the same image given
+    several times is encoded once. With `candidates` (a list of answer strings, e.g.
+    answer_list.json): the official two-step rank with the top k; without: beam search
+    (num_beams, max_length and min_length count [DEC]; num_beams=1 is greedy). Questions go
+    through pre_question and are padded to 35 tokens."""
+    from blip_jax.models import answer as ans
+    from blip_jax.tokenizers import pre_question
+    self._require("answer decoder", self.config.kind == "vqa")
+    if self.tokenizer is None:
+      raise ValueError("answering needs a tokenizer: pass vocab=PATH to load()")
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    cleaned = [pre_question(q) if isinstance(q, str) else "" for q in questions]
+    empty = [i for i, q in enumerate(cleaned) if not q]
+    if empty:
+      raise ValueError(f"question {empty[0]} is empty (after pre_question: {questions[empty[0]]!r})")
+    cands = (ans.tokenize_candidates(self.tokenizer, candidates, self.config.text.sep_id)
+             if candidates is not None else None)
+    pixels_given = isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype.kind == "f"
+    if pixels_given:
+      unique, index = list(range(len(images))), np.arange(len(images))
+    else:
+      images = [images] if isinstance(images, (str, os.PathLike, bytes)) or (
+          isinstance(images, np.ndarray) and images.ndim == 3) else list(images)
+      keys = [im if isinstance(im, (str, os.PathLike)) else id(im) for im in images]
+      order = list(dict.fromkeys(keys))
+      unique = [images[keys.index(key)] for key in order]
+      index = np.asarray([order.index(key) for key in keys])
+    if len(index) == 1 and len(questions) > 1:
+      index = np.zeros(len(questions), int)
+    if len(index) != len(questions):
+      raise ValueError(f"{len(index)} images for {len(questions)} questions: give one image per question, or one")
+    out = []
+    for s in range(0, len(questions), batch_size):
+      rows = np.arange(s, min(s + batch_size, len(questions)))
+      used = sorted(set(index[rows].tolist()))
+      pix = images[used] if pixels_given else self.preprocess([unique[u] for u in used])
+      embeds = self.encode_image(jnp.asarray(pix))
+      q_ids, q_mask = self.tokenizer([cleaned[r] for r in rows], max_length=35)
+      states = ans.question_states(self.config, self.params, embeds,
+                                   jnp.asarray([used.index(i) for i in index[rows]]), q_ids, q_mask)
+      if cands is not None:
+        best = ans.rank(self.config, self.params, states, q_mask, cands, k=k)[0]
+        out += [cands.texts[b] for b in best]
+      else:
+        tokens = ans.generate(self.config, self.params, states, q_mask, num_beams=num_beams, max_length=max_length,
+                              min_length=min_length, length_normalization=length_normalization)
+        out += [self.tokenizer.decode(t) for t in np.asarray(tokens)]
+    return out
 
   def generate(self, pixels, prompt: str = "a picture of ", max_length: int = 20, min_length: int = 5, *,
                num_beams: int = 1, top_p: Optional[float] = None, top_k: int = 50, temperature: float = 1.0,

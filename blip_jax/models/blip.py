@@ -11,6 +11,7 @@ paper and a pure function of (params, inputs) through `model.apply(params, ..., 
   lm_logits     image-grounded causal decoder, LM head                        [B, L, V]
   vqa_question  question encoder states (cross-attends to the image)          [B, Lq, D]
   vqa_answer_logits  answer decoder over question states                      [B, La, V]
+  vqa_packed_logits  the same over packed candidate answers (answer ranking)   [B, T, V]
   decode        one incremental decoder call with the KV cache (generation)
 
 Each role writes its own first token ([CLS] / [ENC] / [DEC]), so callers may pass ids from any
@@ -109,8 +110,18 @@ class Blip(nn.Module):
     return self.grounded_embeds(image_embeds, q_ids, q_mask, train)
 
   def vqa_answer_logits(self, question_states, q_mask, a_ids, a_mask, train: bool = False):
+    """Answer decoder logits over question states [B, Lq, D]: answers a_ids [B, La], or [B * G, La]
+    with G consecutive answers per question (the states are then shared, not copied)."""
     a_ids = with_first_token(a_ids, self.config.text.dec_id)
     hidden = self.text_decoder(a_ids, a_mask, question_states, q_mask, causal=True, train=train)
+    return self.text_decoder.logits(hidden)
+
+  def vqa_packed_logits(self, question_states, q_mask, ids, positions, self_bias):
+    """Answer decoder logits of packed rows: one row per question holding [DEC] and the pieces of
+    many candidate answers, each at its own positions and seeing [DEC] and its own earlier pieces
+    (self_bias); ids [B, T] as given (no first token rewritten)."""
+    hidden = self.text_decoder(ids, None, question_states, q_mask, causal=True, positions=positions,
+                               self_bias=self_bias)
     return self.text_decoder.logits(hidden)
 
   def decode(self, ids, memory=None, memory_mask=None, *, position_offset=0):

@@ -151,15 +151,19 @@ class TextTransformer(nn.Module):
                                 (c.vocab_size,))
 
   def __call__(self, ids, mask=None, memory=None, memory_mask=None, *, causal=False, decode=False,
-               position_offset=0, train=False):
+               position_offset=0, positions=None, self_bias=None, train=False):
     """ids [B, L] int; mask [B, L] 1/0; memory [B, M, W], or [B / G, M, W] shared by G consecutive
-    rows (one image's tokens for G candidate texts). Returns hidden states [B, L, D]."""
+    rows (one image's tokens for G candidate texts). Packed rows (several sequences in one row,
+    VQA answer ranking) pass their own `positions` [B, L] and self-attention bias `self_bias`
+    [B, 1, L, L] (which then replaces the padding mask). Returns hidden states [B, L, D]."""
     if mask is None:
       mask = jnp.ones(ids.shape, jnp.int32)
-    pos = position_offset + jnp.arange(ids.shape[1])
-    x = self.word_embeddings(ids) + self.position_embeddings(pos)[None]
+    if positions is None:
+      x = self.word_embeddings(ids) + self.position_embeddings(position_offset + jnp.arange(ids.shape[1]))[None]
+    else:
+      x = self.word_embeddings(ids) + self.position_embeddings(positions)
     x = self.embed_dropout(self.embed_norm(x), deterministic=not train)
-    bias = None if decode else padding_bias(mask)
+    bias = None if decode else (padding_bias(mask) if self_bias is None else self_bias)
     memory_bias = None
     if memory is not None and memory_mask is not None:
       memory_bias = padding_bias(memory_mask)
