@@ -1,5 +1,5 @@
-"""`blip-jax` command line: convert, score, caption, capfilt, eval (retrieval, caption), train-tokenizer,
-make-shards, train, compile."""
+"""`blip-jax` command line: convert, score, caption, vqa, capfilt, eval (retrieval, caption, vqa),
+train-tokenizer, make-shards, train, compile."""
 from __future__ import annotations
 
 import argparse
@@ -234,6 +234,80 @@ def cmd_eval_caption(a):
     print(f"wrote {a.out}/captions.json, metrics.json{', captions.html' if a.html else ''}", file=sys.stderr)
 
 
+def load_vqa(a):
+  """A VQA model from --model: a VQA checkpoint in any format, or an official pretraining .pth (its
+  towers as the official VQA fine-tuning starts them). Another kind stops with one line."""
+  import blip_jax
+  from blip_jax.api import detect_format
+  from blip_jax import fs
+  official = not fs.is_url(a.model) and detect_format(a.model) == "official"
+  model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size, kind="vqa" if official else None)
+  if model.config.kind != "vqa":
+    sys.exit(f"error: {a.model} is a {model.config.kind} model; VQA needs a VQA checkpoint (or an official "
+             "pretraining .pth)")
+  if model.tokenizer is None:
+    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+  return model
+
+
+def cmd_vqa(a):
+  from blip_jax.tasks import vqa as V
+  from blip_jax.tokenizers import pre_question
+  model = load_vqa(a)
+  candidates = V.read_answer_list(a.answers) if a.answers else None
+  images = a.image * len(a.question) if len(a.image) == 1 else a.image
+  if len(images) != len(a.question):
+    sys.exit(f"error: {len(a.image)} --image for {len(a.question)} --question: give one image, or one per question")
+  questions = [V.Question(i, pre_question(q), image, None) for i, (image, q) in enumerate(zip(images, a.question))]
+  asked = [q for q in questions if q.question.strip()]
+  generate = {} if candidates is not None else dict(num_beams=a.beams, max_length=a.max_length,
+                                                    min_length=a.min_length)
+  answers, errors, _ = V.answer_questions(model, asked, candidates, k=a.k, progress=False, **generate)
+  by_id = {asked[i].question_id: ans for i, ans in answers.items()}
+  for q, text in zip(questions, a.question):
+    if q.question_id in by_id:
+      print(f"{q.path}\t{text}\t{by_id[q.question_id]}")
+    else:
+      why = "empty question" if not q.question.strip() else f"image not decodable: {errors.get(q.path, '?')}"
+      print(f"{q.path}\t{text}\t<skipped: {why}>")
+  if len(by_id) < len(questions):
+    sys.exit(1)
+
+
+def cmd_eval_vqa(a):
+  from blip_jax.tasks import vqa as V
+  from blip_jax import fs
+  fs.check_output(a.out, a.overwrite, "--out")
+  questions, skipped = V.read_questions(a.annotations, a.image_root)
+  candidates = V.read_answer_list(a.answers) if a.answers else None
+  from blip_jax.train import launch
+  launch.maybe_initialize_distributed()
+  model = load_vqa(a)
+  generate = dict(num_beams=a.beams, max_length=a.max_length, min_length=a.min_length)
+  result = V.evaluate_vqa(model, questions, candidates, skipped=skipped, batch_size=a.batch_size, k=a.k,
+                          progress=not a.quiet, **({} if candidates is not None else generate))
+  import jax
+  if jax.process_index() == 0:
+    V.write_outputs(result, a.out)
+    print(f"{len(result.results)} of {len(questions) + len(skipped)} questions answered; skipped "
+          f"{len(result.skipped)}", file=sys.stderr)
+    print(V.format_metrics(result))
+    print(f"wrote {a.out}/answers.json, metrics.json", file=sys.stderr)
+
+
+def add_vqa_flags(p):
+  p.add_argument("--model", required=True, help="VQA checkpoint (official .pth, HF dir or ours), or an official "
+                 "pretraining .pth")
+  p.add_argument("--answers", help="answer_list.json: rank these candidates (the official mode); without it the "
+                 "answer is generated")
+  p.add_argument("--k", type=int, default=128, help="rank: candidates kept after step 1 (official 128)")
+  p.add_argument("--beams", type=int, default=3, help="generate: beams (official 3; 1 = greedy)")
+  p.add_argument("--max-length", type=int, default=10, help="generate: tokens counting [DEC] (official 10)")
+  p.add_argument("--min-length", type=int, default=1, help="generate: official 1")
+  p.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
+  p.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 480)")
+
+
 def cmd_train_tokenizer(a):
   from blip_jax.tokenizers import SentencePieceTokenizer, train_sentencepiece
   path = train_sentencepiece(a.input, a.out, vocab_size=a.vocab_size, model_type=a.model_type,
@@ -292,6 +366,12 @@ def build_parser():
   cp.add_argument("--quiet", action="store_true", help="no progress bar")
   add_generation_flags(cp)
   cp.set_defaults(fn=cmd_caption)
+
+  vq = sub.add_parser("vqa", help="answer questions about images (rank a candidate list, or generate)")
+  add_vqa_flags(vq)
+  vq.add_argument("--image", required=True, action="append", help="an image (one for all questions, or one each)")
+  vq.add_argument("--question", required=True, action="append")
+  vq.set_defaults(fn=cmd_vqa)
 
   cf = sub.add_parser("capfilt", help="bootstrap a dataset: caption (nucleus sampling) + ITM filter, sharded, resumable")
   cf.add_argument("--captioner", required=True, help="caption (or pretraining) checkpoint: .pth | HF dir | ours")
@@ -354,6 +434,18 @@ def build_parser():
   ec.add_argument("--quiet", action="store_true", help="no progress bar")
   add_generation_flags(ec, beams=3)
   ec.set_defaults(fn=cmd_eval_caption)
+
+  ev_vqa = ev.add_parser("vqa", help="answer every question of a VQA annotation file: answers.json (the "
+                         "evaluation server's format) and, with human answers, the VQA accuracy")
+  add_vqa_flags(ev_vqa)
+  ev_vqa.add_argument("--annotations", required=True, help="[{question_id, question, image, [answer: [...]]}] "
+                      "(vqa_val.json, vqa_test.json)")
+  ev_vqa.add_argument("--image-root", default="", help="root of the annotations' image paths")
+  ev_vqa.add_argument("--out", required=True, help="writes answers.json and metrics.json here")
+  ev_vqa.add_argument("--overwrite", action="store_true", help="replace the files of an existing non-empty --out")
+  ev_vqa.add_argument("--batch-size", type=int, default=16, help="questions per step (split over local devices)")
+  ev_vqa.add_argument("--quiet", action="store_true", help="no progress bar")
+  ev_vqa.set_defaults(fn=cmd_eval_vqa)
 
   t = sub.add_parser("train-tokenizer", help="train a SentencePiece model with BLIP's special tokens")
   t.add_argument("--input", required=True, help="text file, one sentence per line")

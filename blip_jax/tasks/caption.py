@@ -121,14 +121,8 @@ def _gather_captions(local: list, n: int, count: int, index: int) -> list:
   """Process p's captions of images p, p+P, ... -> every image's caption (None: not decodable)."""
   if count == 1:
     return local
-  from blip_jax.train.launch import allgather_strided
-  buf = np.zeros((len(local), _CAPTION_BYTES + 1), np.uint8)  # last byte: 1 = has a caption
-  for r, t in enumerate(local):
-    if t is not None:
-      b = t.encode("utf-8")[:_CAPTION_BYTES]
-      buf[r, :len(b)], buf[r, -1] = np.frombuffer(b, np.uint8), 1
-  every = allgather_strided(buf, n, count, index)
-  return [bytes(row[:-1]).rstrip(b"\0").decode("utf-8", "ignore") if row[-1] else None for row in every]
+  from blip_jax.train.launch import allgather_strided, bytes_to_texts, texts_to_bytes
+  return bytes_to_texts(allgather_strided(texts_to_bytes(local, _CAPTION_BYTES), n, count, index))
 
 
 # ---- the evaluation -----------------------------------------------------------------------------

@@ -43,3 +43,19 @@ def allgather_strided(local: np.ndarray, n: int, count: int, index: int) -> np.n
     rows = np.arange(p, n, count)
     out[rows] = every[p, :len(rows)]
   return out
+
+
+def texts_to_bytes(texts, width: int = 1024) -> np.ndarray:
+  """Strings (or None) -> uint8 [n, width + 1] for a gather across hosts: UTF-8 bytes (cut to
+  width), the last byte 1 where there is a string."""
+  buf = np.zeros((len(texts), width + 1), np.uint8)
+  for r, t in enumerate(texts):
+    if t is not None:
+      b = t.encode("utf-8")[:width]
+      buf[r, :len(b)], buf[r, -1] = np.frombuffer(b, np.uint8), 1
+  return buf
+
+
+def bytes_to_texts(buf: np.ndarray) -> list:
+  """texts_to_bytes, inverted (None where there was none)."""
+  return [bytes(row[:-1]).rstrip(b"\0").decode("utf-8", "ignore") if row[-1] else None for row in buf]

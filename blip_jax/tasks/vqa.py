@@ -1,0 +1,277 @@
+"""Visual question answering (blip_facts §5.3): answering an annotation file, the VQA accuracy, and
+the per-epoch evaluation of VQA fine-tuning.
+
+Annotations (official files, §8.1): [{"question_id", "question", "image", ["answer": [human
+answers] | str], ["answers": [...]], ["answer_type"]}]; an entry without question_id is numbered
+by its place in the file. Questions go through pre_question (35 tokens); an empty one is skipped
+and counted. Questions are grouped by image, so an image asked several questions is decoded and
+encoded once. Across hosts: process p answers batches p, p+P, ...; the answers are gathered, so
+every process returns all of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+# The official settings (configs/vqa.yaml, blip_vqa.py)
+RANK_K = 128
+GENERATE = dict(num_beams=3, max_length=10, min_length=1)
+_ANSWER_BYTES = 256
+
+
+@dataclasses.dataclass
+class Question:
+  question_id: object
+  question: str  # after pre_question
+  path: str
+  answers: Optional[list]  # human answers (None: unknown, e.g. test-dev)
+  answer_type: Optional[str] = None
+
+
+def _human_answers(e: dict):
+  """An entry's reference answers: "answers" (strings, or VQA's {"answer": ...} dicts), else
+  "answer" (a list, or one string)."""
+  for key in ("answers", "answer"):
+    a = e.get(key)
+    if isinstance(a, list) and a:
+      return [x["answer"] if isinstance(x, dict) else str(x) for x in a]
+    if isinstance(a, str) and a:
+      return [a]
+  return None
+
+
+def read_questions(annotations, image_root: str = "") -> tuple[list, list]:
+  """(questions, skipped): the entries of one or more VQA annotation files; skipped are
+  (question_id, reason) of empty questions."""
+  from blip_jax.data.annotations import read_entries
+  from blip_jax.tokenizers import pre_question
+  out, skipped, seen = [], [], set()
+  for n, e in enumerate(read_entries(annotations)):
+    if not isinstance(e, dict) or "question" not in e or "image" not in e:
+      raise ValueError(f"{annotations}: entry {n} has no 'question' and 'image' (got "
+                       f"{sorted(e) if isinstance(e, dict) else type(e).__name__}); VQA annotations are "
+                       "[{'question_id', 'question', 'image', ['answer']}, ...]")
+    qid = e.get("question_id", n)
+    if qid in seen:
+      raise ValueError(f"{annotations}: question_id {qid!r} appears twice")
+    seen.add(qid)
+    q = pre_question(e["question"]) if isinstance(e["question"], str) else ""
+    if not q.strip():
+      skipped.append((qid, f"empty question {e['question']!r}"))
+      continue
+    img = e["image"]
+    path = img if os.path.isabs(img) or "://" in img else os.path.join(image_root, img)
+    out.append(Question(qid, q, path, _human_answers(e), e.get("answer_type")))
+  return out, skipped
+
+
+def read_answer_list(path: str) -> list:
+  """answer_list.json: a non-empty JSON list of strings."""
+  from blip_jax import fs
+  import json
+  try:
+    answers = json.loads(fs.read_text(path))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read the answer list ({e})") from None
+  if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+    raise ValueError(f"{path}: the answer list must be a non-empty JSON list of non-empty strings")
+  return answers
+
+
+def _batches(questions: list, batch_size: int) -> list:
+  """Questions grouped by image, cut into batches of at most batch_size questions: [(image paths,
+  question indices, image row of each question)]."""
+  groups: dict = {}
+  for i, q in enumerate(questions):
+    groups.setdefault(q.path, []).append(i)
+  out, paths, rows, where = [], [], [], []
+  for path, idx in groups.items():
+    for s in range(0, len(idx), batch_size):
+      part = idx[s:s + batch_size]
+      if len(rows) + len(part) > batch_size:
+        out.append((paths, rows, where))
+        paths, rows, where = [], [], []
+      paths.append(path)
+      rows += part
+      where += [len(paths) - 1] * len(part)
+  if rows:
+    out.append((paths, rows, where))
+  return out
+
+
+def answer_questions(model, questions: list, candidates: Optional[list] = None, *, k: int = RANK_K,
+                     batch_size: int = 16, progress: bool = True, workers: int = 8, devices=None,
+                     length_normalization: str = "official", **generate):
+  """Answers (rank over `candidates`, else generation). Returns ({question index: answer},
+  {image path: error} of undecodable images, stats)."""
+  import jax
+  from tqdm import tqdm
+  from blip_jax.caption import DataParallel, map_ahead, pad_rows
+  from blip_jax.models import answer as A
+  from blip_jax.preprocess import ImageDecodeError, preprocess
+  from blip_jax.train.launch import allgather_strided, bytes_to_texts, texts_to_bytes
+  if model.config.kind != "vqa":
+    raise ValueError(f"the checkpoint is a {model.config.kind!r} model; VQA needs a VQA model (a VQA checkpoint, "
+                     "or an official pretraining .pth loaded with kind='vqa', or fine-tune one)")
+  if model.tokenizer is None:
+    raise ValueError("the checkpoint has no tokenizer: pass --vocab path/to/vocab.txt")
+  cfg, t = model.config, model.config.text
+  cands = A.tokenize_candidates(model.tokenizer, candidates, t.sep_id) if candidates is not None else None
+  generate = {**GENERATE, **generate}
+  P, me = jax.process_count(), jax.process_index()
+  dp = DataParallel(devices)
+  model.params = dp.put_params(model.params)
+  params = model.params
+  size = cfg.vision.image_size
+  bs = dp.round_batch(batch_size)
+  batches = _batches(questions, bs)
+  mine = list(range(me, len(batches), P))
+
+  def load(path):
+    try:
+      return path, preprocess([path], size)[0], None
+    except ImageDecodeError as e:
+      return path, None, str(e)
+
+  local = np.zeros((len(mine), bs, _ANSWER_BYTES + 1), np.uint8)
+  errors, stats = {}, {"encode_s": 0.0, "answer_s": 0.0, "questions": 0, "images": 0}
+  with tqdm(total=sum(len(batches[b][1]) for b in mine), unit="q", desc="answering", file=sys.stderr,
+            disable=not progress, leave=False) as bar:
+    for r, loaded in enumerate(map_ahead(load, (batches[b][0] for b in mine), workers=workers)):
+      paths, rows, where = batches[mine[r]]
+      bad = {p: e for p, _, e in loaded if e is not None}
+      errors.update(bad)
+      keep = [j for j, w in enumerate(where) if paths[w] not in bad]
+      if keep:
+        t0 = time.time()
+        pix = np.zeros((bs, size, size, 3), np.float32)
+        for j, (_, x, _) in enumerate(loaded):
+          if x is not None:
+            pix[j] = x
+        embeds = model.encode_image(dp.put_batch(pix))
+        q_ids, q_mask = model.tokenizer([questions[rows[j]].question for j in keep], max_length=35)
+        q_ids, q_mask = pad_rows(q_ids, bs), pad_rows(q_mask, bs)
+        index = pad_rows(np.asarray([where[j] for j in keep], np.int32), bs)
+        states = A.question_states(cfg, params, embeds, index, q_ids, q_mask)
+        states.block_until_ready()
+        t1 = time.time()
+        if cands is not None:
+          best = A.rank(cfg, params, states, q_mask, cands, k=k)[0]
+          texts = [cands.texts[b] for b in best]
+        else:
+          tokens = A.generate(cfg, params, states, q_mask, length_normalization=length_normalization, **generate)
+          texts = [model.tokenizer.decode(x) for x in np.asarray(tokens)]
+        stats["encode_s"] += t1 - t0
+        stats["answer_s"] += time.time() - t1
+        stats["questions"] += len(keep)
+        stats["images"] += len(paths) - len(bad)
+        row_texts = [None] * bs  # slot j: the batch's j-th question (None: its image failed)
+        for n, j in enumerate(keep):
+          row_texts[j] = texts[n]
+        local[r] = texts_to_bytes(row_texts, _ANSWER_BYTES)
+      bar.update(len(rows))
+  every = allgather_strided(local, len(batches), P, me) if P > 1 else local
+  answers = {}
+  for b, (_, rows, _) in enumerate(batches):
+    if P > 1 or b in mine:
+      for i, a in zip(rows, bytes_to_texts(every[b if P > 1 else mine.index(b)])):
+        if a is not None:
+          answers[i] = a
+  if P > 1:  # every host reports every undecodable image
+    errors.update({questions[i].path: "not decodable (on another host)" for _, rows, _ in batches for i in rows
+                   if i not in answers and questions[i].path not in errors})
+  for p, e in sorted(errors.items()):
+    print(f"warning: skipped {e}", file=sys.stderr)
+  return answers, errors, stats
+
+
+@dataclasses.dataclass
+class VQAResult:
+  results: list  # [{"question_id", "answer"}] (the evaluation server's format)
+  metrics: dict  # vqa_accuracy's figures ({} without reference answers)
+  skipped: list  # [(question_id, reason)]
+  stats: dict
+
+
+def evaluate_vqa(model, questions: list, candidates: Optional[list] = None, *, skipped=(), batch_size: int = 16,
+                 k: int = RANK_K, progress: bool = True, **generate) -> VQAResult:
+  """Answers every question and, when the questions carry human answers, scores them."""
+  from blip_jax.metrics.vqa import vqa_accuracy
+  t0 = time.time()
+  answers, errors, stats = answer_questions(model, questions, candidates, k=k, batch_size=batch_size,
+                                            progress=progress, **generate)
+  stats["answer_total_s"] = time.time() - t0
+  stats["mode"] = ("rank", {"k": k, "candidates": len(candidates)}) if candidates is not None else (
+      "generate", {**GENERATE, **generate})
+  results = [{"question_id": questions[i].question_id, "answer": a} for i, a in sorted(answers.items())]
+  skipped = list(skipped) + [(q.question_id, f"image not decodable: {errors[q.path]}")
+                             for i, q in enumerate(questions) if i not in answers and q.path in errors]
+  refs = {q.question_id: q.answers for q in questions if q.answers}
+  metrics = {}
+  if refs:
+    pred = {questions[i].question_id: a for i, a in answers.items()}
+    types = {q.question_id: q.answer_type for q in questions if q.answer_type}
+    metrics = vqa_accuracy(pred, refs, types)  # skipped questions count as wrong
+  return VQAResult(results, metrics, skipped, stats)
+
+
+def write_outputs(result: VQAResult, out_dir: str) -> None:
+  """DIR/answers.json ([{"question_id", "answer"}]) and DIR/metrics.json; each file appears whole."""
+  from blip_jax import fs
+  fs.write_json(fs.join(out_dir, "answers.json"), result.results)
+  m = dict(result.metrics)
+  per = m.pop("per_question", {})
+  fs.write_json(fs.join(out_dir, "metrics.json"), {
+      **m, "answered": len(result.results),
+      "skipped": [{"question_id": q, "reason": r} for q, r in result.skipped],
+      "per_question": {str(k): v for k, v in per.items()}, "stats": result.stats}, indent=2)
+
+
+def format_metrics(result: VQAResult) -> str:
+  m = result.metrics
+  parts = []
+  if "overall" in m:
+    types = "  ".join(f"{t} {v:.2f}" for t, v in m["perAnswerType"].items())
+    parts.append(f"VQA accuracy {m['overall']:.2f} on {m['questions']} questions ({types})")
+  if "exact_match" in m:
+    parts.append(f"exact match {m['exact_match']:.2f} on {m['exact_match_questions']} single-answer questions")
+  if result.skipped:
+    parts.append(f"{len(result.skipped)} questions skipped (e.g. {result.skipped[0][1]})")
+  return "\n".join(parts) or "no reference answers: nothing scored"
+
+
+# ---- fine-tuning (the shared trainer calls these) -----------------------------------------------
+def check_training_config(c):
+  """Eval splits and the answer list readable, before any compute."""
+  if c.eval.answer_list:
+    read_answer_list(c.eval.answer_list)
+  if c.eval.k < 1:
+    raise ValueError("eval.k must be >= 1")
+  for split, path in c.eval.annotations.items():
+    if path:
+      qs, _ = read_questions(path, c.eval.image_root)
+      if not any(q.answers for q in qs):
+        raise ValueError(f"eval.annotations.{split} ({path}) has no answers to score against")
+
+
+def evaluate_splits(c, model) -> dict:
+  """VQA accuracy of each eval split: {"val/overall": .., "val/exact_match": .., "val/accuracy": ..}
+  where accuracy is the VQA accuracy when the split has human answer lists, else exact match."""
+  candidates = read_answer_list(c.eval.answer_list) if c.eval.answer_list else None
+  out = {}
+  for split, path in c.eval.annotations.items():
+    if not path:
+      continue
+    qs, skipped = read_questions(path, c.eval.image_root)
+    r = evaluate_vqa(model, qs, candidates, skipped=skipped, batch_size=c.eval.batch_size, k=c.eval.k,
+                     progress=False)
+    m = r.metrics
+    out.update({f"{split}/{key}": m[key] for key in ("overall", "exact_match") if key in m})
+    out.update({f"{split}/{t}": v for t, v in m.get("perAnswerType", {}).items()})
+    out[f"{split}/accuracy"] = m.get("overall", m.get("exact_match", 0.0))
+  return out
