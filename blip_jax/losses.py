@@ -102,3 +102,14 @@ def lm_loss(logits, ids, mask, *, label_smoothing: float = 0.1, prompt_length: i
   if reduction == "none":
     return tok.sum(axis=1)
   return tok.sum() / jnp.maximum(valid.sum(), 1)
+
+
+def vqa_loss(logits, answer_ids, answer_mask, weights, *, label_smoothing: float = 0.1):
+  """VQA answer loss (official blip_vqa.forward): each answer's summed label-smoothed token loss,
+  weighted (VQA: count / number of human answers; VG-QA: 0.2; padding answers: 0), summed over the
+  batch's answers and divided by the number of questions. logits [B * A, La, V] of answer_ids /
+  answer_mask [B, A, La]; weights [B, A]."""
+  b, a, la = answer_ids.shape
+  per_answer = lm_loss(logits, answer_ids.reshape(b * a, la), answer_mask.reshape(b * a, la),
+                       label_smoothing=label_smoothing, reduction="none").reshape(b, a)
+  return (weights * per_answer).sum() / b

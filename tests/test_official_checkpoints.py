@@ -90,6 +90,29 @@ def test_pretrain_checkpoint_into_task_model(pretrain_pth, pair, batch, kind):
     assert np.abs(np.asarray(model.itm_logits(*batch)) - ref["itm"]).max() <= TOL
 
 
+def test_pretrain_checkpoint_into_vqa_model_answers(pretrain_pth, batch, vocab_path):
+  """The official VQA fine-tuning starts from a pretraining .pth: its text encoder becomes the
+  question encoder and its image-grounded decoder the answer decoder. Loaded so (kind='vqa'), and
+  through the trainer's retarget of our pretraining model, the two agree leaf by leaf; it answers."""
+  import jax
+  from blip_jax.train.trainer import _retarget
+  vqa = blip_jax.load(pretrain_pth[0], kind="vqa", vocab=vocab_path)
+  assert vqa.config.kind == "vqa"
+  pre = blip_jax.load(pretrain_pth[0])
+  cap = blip_jax.load(pretrain_pth[0], kind="caption")
+  ret = blip_jax.load(pretrain_pth[0], kind="retrieval")
+  retargeted, _ = _retarget(jax.tree.map(np.asarray, pre.params), {}, "pretrain", "vqa", "p")
+  same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+  assert jax.tree.structure(retargeted) == jax.tree.structure(vqa.params)
+  assert same(retargeted, vqa.params)
+  assert same(vqa.params["text_encoder"], ret.params["text_encoder"])
+  assert same(vqa.params["text_decoder"], cap.params["text_decoder"])
+  cands = ["a dog", "two", "red"]
+  got = vqa.answer(batch[0], ["What is this?", "How many?"], cands, k=2)
+  assert len(got) == 2 and all(a in cands for a in got)
+  assert all(isinstance(a, str) for a in vqa.answer(batch[0], ["What is this?", "How many?"]))
+
+
 @pytest.mark.parametrize("keys_file,kind", [("keys_official_retrieval.txt", "retrieval"),
                                             ("keys_official_decoder.txt", "caption")])
 def test_task_checkpoints(pair, batch, tmp_path, keys_file, kind):
@@ -156,7 +179,7 @@ def test_crafted_pickle_is_refused(tmp_path):
     assert f.read(2) == b"PK"  # zip container
 
 
-def test_vqa_checkpoint(tmp_path, batch):
+def test_vqa_checkpoint(tmp_path, batch, vocab_path):
   """Official VQA layout (ViT + question encoder + answer decoder with 768x768 cross-attention)."""
   from blip_jax.checkpoints.mapping import official_table, to_hf_key
   from blip_jax.checkpoints.convert import infer_hf_config
@@ -183,3 +206,7 @@ def test_vqa_checkpoint(tmp_path, batch):
     ref = hf.text_decoder(input_ids=t(a), encoder_hidden_states=qs).logits.numpy()
   got = np.asarray(model.vqa_answer_logits(pixels, q_ids, q_mask, a_ids, a_mask))
   assert np.abs(got - ref).max() <= TOL
+  # and it answers (rank and generation), on a tokenizer given at load
+  model = blip_jax.load(str(tmp_path / "model_vqa.pth"), vocab=vocab_path)
+  assert model.answer(pixels, ["what color is the bus?"], ["red", "blue", "a red bus"], k=2)[0] in ("red", "blue", "a red bus")
+  assert isinstance(model.answer(pixels, ["what color is the bus?"], num_beams=2)[0], str)

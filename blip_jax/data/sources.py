@@ -40,6 +40,10 @@ class Source:
     """(texts, txt2img, img2txt) over all captions of every image, for retrieval evaluation."""
     raise NotImplementedError(f"{type(self).__name__} has no evaluation captions")
 
+  def corpus(self) -> list:
+    """The source's texts, to train a tokenizer on (captions; VQA: questions and answers)."""
+    return self.eval_texts()[0]
+
 
 def _ragged(rows, dtype):
   return tf.ragged.constant(rows, dtype=dtype) if rows else tf.ragged.constant([[]], dtype=dtype)
@@ -132,6 +136,15 @@ class JsonSource(Source):
       ex["image2"] = tf.io.read_file(tf.gather(self.t_image2, index))
       ex["label"] = tf.gather(self.t_label, index)
     return ex
+
+  def corpus(self) -> list:
+    if self.task == "vqa":
+      out = []
+      for e in self.entries:
+        a = e.get("answer", [])
+        out += [e["question"]] + ([a] if isinstance(a, str) else list(a))
+      return out
+    return self.eval_texts()[0]
 
   def eval_texts(self):
     texts, txt2img, img2txt = [], [], []

@@ -32,4 +32,9 @@ def get(name: str) -> Task:
     # official train_caption.py: the best epoch by val CIDEr + BLEU-4
     return Task("caption", "caption", caption.check_training_config, caption.evaluate_splits,
                 select="val/CIDEr+Bleu_4", shown=("CIDEr", "Bleu_4"))
-  raise ValueError(f"unknown task {name!r}: pretrain, retrieval or caption")
+  if name == "vqa":
+    from blip_jax.tasks import vqa
+    # official train_vqa.py keeps the last epoch; with eval.annotations.val set, the best by accuracy
+    return Task("vqa", "vqa", vqa.check_training_config, vqa.evaluate_splits, select="val/accuracy",
+                shown=("accuracy", "overall", "exact_match"))
+  raise ValueError(f"unknown task {name!r}: pretrain, retrieval, caption or vqa")

@@ -211,12 +211,13 @@ def evaluate_vqa(model, questions: list, candidates: Optional[list] = None, *, s
   results = [{"question_id": questions[i].question_id, "answer": a} for i, a in sorted(answers.items())]
   skipped = list(skipped) + [(q.question_id, f"image not decodable: {errors[q.path]}")
                              for i, q in enumerate(questions) if i not in answers and q.path in errors]
-  refs = {q.question_id: q.answers for q in questions if q.answers}
+  # scored: the answered questions (the skipped ones are listed in metrics.json, not counted)
+  refs = {questions[i].question_id: questions[i].answers for i in answers if questions[i].answers}
   metrics = {}
   if refs:
     pred = {questions[i].question_id: a for i, a in answers.items()}
     types = {q.question_id: q.answer_type for q in questions if q.answer_type}
-    metrics = vqa_accuracy(pred, refs, types)  # skipped questions count as wrong
+    metrics = vqa_accuracy(pred, refs, types)
   return VQAResult(results, metrics, skipped, stats)
 
 

@@ -1,6 +1,7 @@
 """The training step: ITC + ITM + LM in one jitted, sharded function (blip_facts §3.2); the
 retrieval fine-tuning step is the same with image-id positives and no LM (§5.1); caption
-fine-tuning is the LM loss alone, with the prompt's tokens not targets (§5.2).
+fine-tuning is the LM loss alone, with the prompt's tokens not targets (§5.2); VQA fine-tuning is
+the weighted answer loss of the answer decoder over the question states (§5.3).
 
 State (a plain dict pytree, checkpointed as is):
   step, params (the model of the task's kind), opt_state (AdamW), rng, nonfinite_step, and for the
@@ -181,6 +182,22 @@ def _caption_forward(cfg: BlipConfig, loss_cfg: LossConfig, params, batch, rng):
   return loss, ({"loss": loss, "loss_lm": loss}, None, None)
 
 
+def _vqa_forward(cfg: BlipConfig, loss_cfg: LossConfig, params, batch, rng):
+  """VQA fine-tuning (official BLIP_VQA.forward): the question encoded once against the image; its
+  states shared (not copied) by the question's A answers in the answer decoder; loss_vqa."""
+  pixels = normalize_images(batch["image"])
+  q_ids, q_mask = batch["question_ids"], batch["question_mask"]
+  a_ids, a_mask = batch["answer_ids"], batch["answer_mask"]
+  b, a, la = a_ids.shape
+
+  def f(m):
+    states = m.vqa_question(m.encode_image(pixels, train=True), q_ids, q_mask, train=True)
+    return m.vqa_answer_logits(states, q_mask, a_ids.reshape(b * a, la), a_mask.reshape(b * a, la), train=True)
+  logits = Blip(cfg).apply({"params": params}, method=f, rngs={"dropout": rng})
+  loss = losses.vqa_loss(logits, a_ids, a_mask, batch["answer_weights"], label_smoothing=loss_cfg.label_smoothing)
+  return loss, ({"loss": loss, "loss_vqa": loss}, None, None)
+
+
 def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation, lr_fn: Callable):
   """Returns step(state, batch) -> (state, metrics). Pure; jit it with shardings."""
   contrastive = cfg.has_itc  # ITC/ITM kinds: momentum towers and queues
@@ -205,6 +222,8 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
       r = jax.random.fold_in(rng, i)
       if contrastive:
         f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, alpha, r)
+      elif cfg.kind == "vqa":
+        f = lambda p: _vqa_forward(cfg, loss_cfg, p, mb, r)
       else:
         f = lambda p: _caption_forward(cfg, loss_cfg, p, mb, r)
       (_, (metrics, feat_i, feat_t)), grads = jax.value_and_grad(f, has_aux=True)(params)

@@ -189,7 +189,7 @@ def _tokenizer(c, workdir, source):
       with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
         with open(corpus, "w") as f:
-          f.write("\n".join(source.eval_texts()[0]))
+          f.write("\n".join(source.corpus()))
         local = train_sentencepiece(corpus, os.path.join(tmp, "spm"), vocab_size=t.vocab_size)
         with open(local, "rb") as f:
           fs.write_bytes(path, f.read())
@@ -267,7 +267,8 @@ def train(c, workdir: str):
 
   def host_batches():  # each batch tagged with the input position right after it
     for b in pipe:
-      yield pipe.state(), {"image": b["image"], "text_ids": b["text_ids"], "text_mask": b["text_mask"],
+      # every array of the task's batch (VQA: questions and answers), image ids as int32 pairs
+      yield pipe.state(), {**{k: v for k, v in b.items() if k not in ("index", "valid")},
                            "image_id": split_ids(b["image_id"])}
   batches = prefetch_to_device(host_batches(), batch_sharding, size=c.data.pipeline.prefetch)
   data_state = pipe.state()
@@ -552,6 +553,8 @@ def _initialise_from(c, mcfg, state, shardings):
     params, extras = jax.tree.map(np.asarray, m.params), m.extras
     if m.config.kind != mcfg.kind:  # our or a transformers checkpoint of another kind
       params, extras = _retarget(params, extras, m.config.kind, mcfg.kind, init.blip)
+    if mcfg.kind == "vqa":  # ViT-L: the decoder's cross-attention (1024 in, 768 for VQA) starts fresh
+      params = _fresh_where_shapes_differ(params, jax.tree.map(np.asarray, jax.device_get(state["params"])))
   from blip_jax import fs
   if init.deit:
     params = load_vit_into(params, mcfg, fs.local_copy(init.deit))
@@ -568,18 +571,36 @@ def _initialise_from(c, mcfg, state, shardings):
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), new, shardings)
 
 
+def _fresh_where_shapes_differ(params, fresh):
+  """Leaves whose shape differs from the model's are re-initialised, with a warning (the official
+  load_checkpoint drops them: the VQA answer decoder of a ViT-L pretraining checkpoint)."""
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(fresh)[0]:
+    got = flat.get(path)
+    if got is None or got.shape != leaf.shape:
+      print(f"warning: init.blip has {'no' if got is None else got.shape} {jax.tree_util.keystr(path)} for the "
+            f"model's {leaf.shape}: initialised fresh", file=sys.stderr, flush=True)
+      got = leaf
+    out.append(got)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), out)
+
+
 def _retarget(params, extras, src: str, dst: str, path: str):
   """A pretraining model's weights as a fine-tuning model (the official fine-tuning starts):
   retrieval = the text encoder without the decoder's self-attention and LM head; caption = the
   image-grounded decoder (the shared weights with the decoder's self-attention, and the LM head)."""
-  if src != "pretrain" or dst not in ("retrieval", "caption"):
+  if src != "pretrain" or dst not in ("retrieval", "caption", "vqa"):
     raise ConfigError(f"init.blip {path} is a {src!r} model; a {dst!r} run starts from a {dst} or pretraining "
                       "checkpoint")
-  if dst == "caption":
-    text = {k: ({n: v for n, v in layer.items() if n != "self_attn_dec"} | {"self_attn": layer["self_attn_dec"]})
-                if k.startswith("layer_") else layer for k, layer in params["text_encoder"].items()}
-    return {"visual_encoder": params["visual_encoder"], "text_decoder": text}, {}
   from blip_jax.train.step import momentum_view
+  decoder = {k: ({n: v for n, v in layer.items() if n != "self_attn_dec"} | {"self_attn": layer["self_attn_dec"]})
+             if k.startswith("layer_") else layer for k, layer in params["text_encoder"].items()}
+  if dst == "caption":
+    return {"visual_encoder": params["visual_encoder"], "text_decoder": decoder}, {}
+  if dst == "vqa":  # official blip_vqa: question encoder = text encoder, answer decoder = decoder
+    enc = momentum_view(params)
+    return {"visual_encoder": enc["visual_encoder"], "text_encoder": enc["text_encoder"], "text_decoder": decoder}, {}
   return {**momentum_view(params), "temp": params["temp"], "itm_head": params["itm_head"]}, extras
 
 
