@@ -69,7 +69,13 @@ def test_finetuning_answers_training_questions(finetuned):
         "; VQA accuracy", start["eval/val/overall"], "->", end["eval/val/overall"])
   assert start["eval/val/exact_match"] < 5.0
   assert end["eval/val/exact_match"] > 40.0
-  assert os.path.exists(os.path.join(work, "best", "best.json"))
+  # the selection metric: every question's score averaged (exact match or VQA accuracy)
+  n_multi = 1  # of the first 64 questions, one has ten human answers
+  assert end["eval/val/accuracy"] == pytest.approx(
+      ((64 - n_multi) * end["eval/val/exact_match"] + n_multi * end["eval/val/overall"]) / 64)
+  with open(os.path.join(work, "best", "best.json")) as f:
+    best = json.load(f)
+  assert best["step"] == result["step"] and best["value"] == pytest.approx(end["eval/val/accuracy"])
 
 
 def _run(monkeypatch, capsys, *args):

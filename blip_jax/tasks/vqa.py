@@ -261,8 +261,9 @@ def check_training_config(c):
 
 
 def evaluate_splits(c, model) -> dict:
-  """VQA accuracy of each eval split: {"val/overall": .., "val/exact_match": .., "val/accuracy": ..}
-  where accuracy is the VQA accuracy when the split has human answer lists, else exact match."""
+  """VQA accuracy of each eval split: {"val/overall": .., "val/exact_match": .., "val/accuracy": ..};
+  accuracy (the selection metric) is the mean over every scored question of its score: the VQA
+  accuracy of a question with human answer lists, exact match of one with a single answer."""
   candidates = read_answer_list(c.eval.answer_list) if c.eval.answer_list else None
   out = {}
   for split, path in c.eval.annotations.items():
@@ -274,5 +275,6 @@ def evaluate_splits(c, model) -> dict:
     m = r.metrics
     out.update({f"{split}/{key}": m[key] for key in ("overall", "exact_match") if key in m})
     out.update({f"{split}/{t}": v for t, v in m.get("perAnswerType", {}).items()})
-    out[f"{split}/accuracy"] = m.get("overall", m.get("exact_match", 0.0))
+    per = list(m.get("per_question", {}).values())
+    out[f"{split}/accuracy"] = sum(per) / len(per) if per else 0.0
   return out
