@@ -151,16 +151,11 @@ class BlipModel:
       used = sorted(set(index[rows].tolist()))
       pix = images[used] if pixels_given else self.preprocess([unique[u] for u in used])
       embeds = self.encode_image(jnp.asarray(pix))
-      q_ids, q_mask = self.tokenizer([cleaned[r] for r in rows], max_length=35)
-      states = ans.question_states(self.config, self.params, embeds,
-                                   jnp.asarray([used.index(i) for i in index[rows]]), q_ids, q_mask)
-      if cands is not None:
-        best = ans.rank(self.config, self.params, states, q_mask, cands, k=k)[0]
-        out += [cands.texts[b] for b in best]
-      else:
-        tokens = ans.generate(self.config, self.params, states, q_mask, num_beams=num_beams, max_length=max_length,
-                              min_length=min_length, length_normalization=length_normalization)
-        out += [self.tokenizer.decode(t) for t in np.asarray(tokens)]
+      states, q_mask = ans.encode_questions(self.config, self.params, self.tokenizer, embeds,
+                                            [used.index(i) for i in index[rows]], [cleaned[r] for r in rows])
+      out += ans.answers_from_states(self.config, self.params, self.tokenizer, states, q_mask, cands, k=k,
+                                     num_beams=num_beams, max_length=max_length, min_length=min_length,
+                                     length_normalization=length_normalization)
     return out
 
   def generate(self, pixels, prompt: str = "a picture of ", max_length: int = 20, min_length: int = 5, *,

@@ -146,3 +146,22 @@ def generate(cfg: BlipConfig, params, states, q_mask, *, num_beams: int = 3, max
                                 memory_mask=q_mask)
     return tokens
   return gen.greedy(cfg, params, states, prompt, max_length=max_length, min_length=min_length, memory_mask=q_mask)
+
+
+def encode_questions(cfg: BlipConfig, params, tokenizer, image_embeds, image_index, questions, rows: int = 0):
+  """Questions (already through pre_question) about image_embeds[image_index], tokenized to 35 and
+  encoded; rows > 0 pads the batch to that many rows (one compiled shape). Returns (states, mask)."""
+  from blip_jax.caption import pad_rows
+  q_ids, q_mask = tokenizer(list(questions), max_length=35)
+  index = np.asarray(image_index, np.int32)
+  if rows:
+    q_ids, q_mask, index = pad_rows(q_ids, rows), pad_rows(q_mask, rows), pad_rows(index, rows)
+  return question_states(cfg, params, image_embeds, index, q_ids, q_mask), q_mask
+
+
+def answers_from_states(cfg: BlipConfig, params, tokenizer, states, q_mask, cands: Candidates | None = None, *,
+                        k: int = 128, **generate_kw) -> list:
+  """One answer string per row: the rank's winner among `cands`, or the generated answer."""
+  if cands is not None:
+    return [cands.texts[b] for b in rank(cfg, params, states, q_mask, cands, k=k)[0]]
+  return [tokenizer.decode(x) for x in np.asarray(generate(cfg, params, states, q_mask, **generate_kw))]

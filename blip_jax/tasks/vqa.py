@@ -111,7 +111,7 @@ def answer_questions(model, questions: list, candidates: Optional[list] = None, 
   {image path: error} of undecodable images, stats)."""
   import jax
   from tqdm import tqdm
-  from blip_jax.caption import DataParallel, map_ahead, pad_rows
+  from blip_jax.caption import DataParallel, map_ahead
   from blip_jax.models import answer as A
   from blip_jax.preprocess import ImageDecodeError, preprocess
   from blip_jax.train.launch import allgather_strided, bytes_to_texts, texts_to_bytes
@@ -154,18 +154,12 @@ def answer_questions(model, questions: list, candidates: Optional[list] = None, 
           if x is not None:
             pix[j] = x
         embeds = model.encode_image(dp.put_batch(pix))
-        q_ids, q_mask = model.tokenizer([questions[rows[j]].question for j in keep], max_length=35)
-        q_ids, q_mask = pad_rows(q_ids, bs), pad_rows(q_mask, bs)
-        index = pad_rows(np.asarray([where[j] for j in keep], np.int32), bs)
-        states = A.question_states(cfg, params, embeds, index, q_ids, q_mask)
+        states, q_mask = A.encode_questions(cfg, params, model.tokenizer, embeds, [where[j] for j in keep],
+                                            [questions[rows[j]].question for j in keep], rows=bs)
         states.block_until_ready()
         t1 = time.time()
-        if cands is not None:
-          best = A.rank(cfg, params, states, q_mask, cands, k=k)[0]
-          texts = [cands.texts[b] for b in best]
-        else:
-          tokens = A.generate(cfg, params, states, q_mask, length_normalization=length_normalization, **generate)
-          texts = [model.tokenizer.decode(x) for x in np.asarray(tokens)]
+        texts = A.answers_from_states(cfg, params, model.tokenizer, states, q_mask, cands, k=k,
+                                      length_normalization=length_normalization, **generate)
         stats["encode_s"] += t1 - t0
         stats["answer_s"] += time.time() - t1
         stats["questions"] += len(keep)
@@ -175,13 +169,12 @@ def answer_questions(model, questions: list, candidates: Optional[list] = None, 
           row_texts[j] = texts[n]
         local[r] = texts_to_bytes(row_texts, _ANSWER_BYTES)
       bar.update(len(rows))
-  every = allgather_strided(local, len(batches), P, me) if P > 1 else local
+  every = allgather_strided(local, len(batches), P, me)  # one process: its own rows, every batch
   answers = {}
   for b, (_, rows, _) in enumerate(batches):
-    if P > 1 or b in mine:
-      for i, a in zip(rows, bytes_to_texts(every[b if P > 1 else mine.index(b)])):
-        if a is not None:
-          answers[i] = a
+    for i, a in zip(rows, bytes_to_texts(every[b])):
+      if a is not None:
+        answers[i] = a
   if P > 1:  # every host reports every undecodable image
     errors.update({questions[i].path: "not decodable (on another host)" for _, rows, _ in batches for i in rows
                    if i not in answers and questions[i].path not in errors})
