@@ -7,6 +7,7 @@
     model.lm_logits(pixels, ids, mask); model.lm_loss(pixels, ids, mask, label_smoothing=0.1)
     model.generate(pixels)                            # captions (caption / pretraining models)
     model.answer(images, questions, candidates=None)  # VQA: rank a candidate list, or generate
+    model.nlvr_logits(pixels0, pixels1, ids, mask)    # NLVR2: does the sentence hold for the pair
 
 Every method is one jitted function per (config, method, input shapes), shared by all models of
 the same config, so loading twice does not compile twice.
@@ -46,6 +47,13 @@ def _vqa_answer_logits(cfg, params, pixels, q_ids, q_mask, a_ids, a_mask):
   def f(m):
     q = m.vqa_question(m.encode_image(pixels), q_ids, q_mask)
     return m.vqa_answer_logits(q, q_mask, a_ids, a_mask)
+  return Blip(cfg).apply({"params": params}, method=f)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _nlvr_logits(cfg, params, pixels0, pixels1, ids, mask):
+  def f(m):  # two ViT calls (the official stacks the pair into one batch: the same per image)
+    return m.nlvr_logits(m.encode_image(pixels0), m.encode_image(pixels1), ids, mask)
   return Blip(cfg).apply({"params": params}, method=f)
 
 
@@ -105,6 +113,12 @@ class BlipModel:
     self._require("decoder", self.config.kind in ("pretrain", "caption"))
     return _lm_loss(self.config, self.params, jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask),
                     label_smoothing=label_smoothing, prompt_length=prompt_length, reduction=reduction)
+
+  def nlvr_logits(self, pixels0, pixels1, ids, mask):
+    """NLVR2 logits [B, 2] (index 1: the sentence is true of the pair): both images through the
+    ViT, then the two-image encoder and head. pixels0/pixels1 [B, H, W, 3] (`preprocess`)."""
+    self._require("NLVR2 head", self.config.kind == "nlvr")
+    return _nlvr_logits(self.config, self.params, *map(jnp.asarray, (pixels0, pixels1, ids, mask)))
 
   def vqa_answer_logits(self, pixels, q_ids, q_mask, a_ids, a_mask):
     self._require("answer decoder", self.config.kind == "vqa")
@@ -259,7 +273,7 @@ def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = N
   """Loads an official BLIP .pth, a transformers BLIP dir or our checkpoint dir.
 
   kind:       official files only: load as another model kind (a pretraining checkpoint into a
-              caption/retrieval/vqa model, as the official finetuning scripts do).
+              caption/retrieval/vqa/nlvr model, as the official finetuning scripts do).
   image_size: interpolate the position embedding to this resolution (bicubic, as official).
   vision_eps: ViT LayerNorm eps (official files default 1e-6; HF dirs take config.json's).
   vocab:      a bert-base-uncased vocab.txt for the tokenizer, when the checkpoint has none.

@@ -207,14 +207,14 @@ def test_caption_step_loss_and_start_from_a_pretraining_model(vocab_path):
   from blip_jax.models.init import init_params
   from blip_jax.tokenizers import BertTokenizer
   from blip_jax.train.step import LossConfig, _caption_forward
-  from blip_jax.train.trainer import _retarget
+  from blip_jax.checkpoints.retarget import retarget
   tok = BertTokenizer(vocab_path)
   v = VisionConfig(width=32, depth=1, heads=2, mlp_dim=64, patch=16, image_size=32)
   t = TextConfig(width=32, depth=2, heads=2, mlp_dim=64, max_positions=40, dropout=0.0)
   pre = BlipConfig(kind="pretrain", vision=v, text=t, embed_dim=16)
   cap = BlipConfig(kind="caption", vision=v, text=t)
   params = init_params(pre, jax.random.PRNGKey(1))
-  cap_params, _ = _retarget(params, {}, "pretrain", "caption", "x")
+  cap_params, _ = retarget(params, {}, "pretrain", "caption")
   rng = np.random.RandomState(0)
   pixels = rng.randn(3, 32, 32, 3).astype(np.float32)
   ids, mask = tok(["a picture of " + c for c in ("a dog on a couch", "two men", "a red bus in the street at night")],

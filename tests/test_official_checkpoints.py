@@ -95,13 +95,13 @@ def test_pretrain_checkpoint_into_vqa_model_answers(pretrain_pth, batch, vocab_p
   question encoder and its image-grounded decoder the answer decoder. Loaded so (kind='vqa'), and
   through the trainer's retarget of our pretraining model, the two agree leaf by leaf; it answers."""
   import jax
-  from blip_jax.train.trainer import _retarget
+  from blip_jax.checkpoints.retarget import retarget
   vqa = blip_jax.load(pretrain_pth[0], kind="vqa", vocab=vocab_path)
   assert vqa.config.kind == "vqa"
   pre = blip_jax.load(pretrain_pth[0])
   cap = blip_jax.load(pretrain_pth[0], kind="caption")
   ret = blip_jax.load(pretrain_pth[0], kind="retrieval")
-  retargeted, _ = _retarget(jax.tree.map(np.asarray, pre.params), {}, "pretrain", "vqa", "p")
+  retargeted, _ = retarget(jax.tree.map(np.asarray, pre.params), {}, "pretrain", "vqa")
   same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
   assert jax.tree.structure(retargeted) == jax.tree.structure(vqa.params)
   assert same(retargeted, vqa.params)

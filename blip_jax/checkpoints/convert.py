@@ -29,6 +29,8 @@ def _count(sd, pattern):
 
 def infer_kind(sd) -> str:
   has = lambda p: any(k.startswith(p) for k in sd)
+  if has("cls_head.") and any(".crossattention.self0." in k for k in sd):
+    return "nlvr"
   if has("text_decoder.") and has("itm_head."):
     return "pretrain"
   if has("text_decoder.") and has("text_encoder."):
@@ -63,7 +65,11 @@ def infer_official_config(sd, kind: Optional[str] = None, *, vision_heads: Optio
   except KeyError as e:
     raise CheckpointError(f"not an official BLIP state dict: missing {e}") from None
   embed_dim = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
-  return BlipConfig(kind=kind, vision=vision, text=text, embed_dim=embed_dim)
+  extra = {}
+  if kind == "nlvr":  # the first merging layer (official: 6); none stored: no layer merges
+    merging = [int(m.group(1)) for k in sd if (m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.crossattention\.output\.merge_layer\.weight$", k))]
+    extra["fusion_layer"] = min(merging) if merging else max(6, text.depth)
+  return BlipConfig(kind=kind, vision=vision, text=text, embed_dim=embed_dim, **extra)
 
 
 def infer_hf_config(hf: dict, *, vision_eps: Optional[float] = None) -> BlipConfig:
@@ -192,11 +198,33 @@ def load_official(path: str, kind: Optional[str] = None, *, image_size: Optional
   """An official BLIP .pth -> (config, params, extras). `kind` defaults to the file's own."""
   sd = read_pth(path) if sd is None else sd
   source_kind = infer_kind(sd)
+  if kind == "nlvr" and source_kind != "nlvr":
+    return _load_official_as_nlvr(sd, source_kind, path, image_size=image_size, vision_eps=vision_eps,
+                                  vision_heads=vision_heads, text_heads=text_heads, strict=strict, progress=progress)
   cfg = infer_official_config(sd, kind or source_kind, vision_heads=vision_heads, text_heads=text_heads,
                               vision_eps=vision_eps, image_size=image_size)
   params, extras = load_state_dict(sd, cfg, "official", strict=strict, source_kind=source_kind,
                                    progress=progress)
   return cfg, params, extras
+
+
+def _load_official_as_nlvr(sd, source_kind, path, *, strict, **kw):
+  """A pretraining (or retrieval) .pth as the start of NLVR2 fine-tuning, as official BLIP_NLVR's
+  load_checkpoint does: the file's own model, then its one cross-attention copied into both image
+  branches; the merge layers and the head initialised fresh (seed 0)."""
+  from blip_jax.checkpoints.retarget import SOURCES, retarget
+  from blip_jax.models.init import init_params
+  if source_kind not in SOURCES["nlvr"]:
+    raise CheckpointError(f"{path} is a {source_kind} checkpoint; an NLVR2 model starts from a pretraining "
+                          "(or retrieval) checkpoint")
+  progress = kw.pop("progress")
+  src_cfg = infer_official_config(sd, source_kind, **kw)
+  params, _ = load_state_dict(sd, src_cfg, "official", strict=strict, progress=progress)
+  cfg = src_cfg.replace(kind="nlvr")
+  import jax
+  fresh = jax.tree.map(np.asarray, init_params(cfg))
+  params, _ = retarget(params, {}, source_kind, "nlvr", fresh, name=path)
+  return cfg, params, {}
 
 
 def load_hf(path: str, *, vision_eps: Optional[float] = None, image_size: Optional[int] = None,

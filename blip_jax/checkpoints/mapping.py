@@ -75,10 +75,23 @@ def _attention(path, key):
   yield from _norm(path + ("norm",), f"{key}.output.LayerNorm")
 
 
+def _twin_cross_attention(path, key, merge: bool):
+  """NLVR2's pair of cross-attentions (official nlvr_encoder.py): self0/self1 and dense0/dense1,
+  merge_layer in the merging layers, one LayerNorm."""
+  for i in (0, 1):
+    for n in ("query", "key", "value"):
+      yield from _linear(path + (f"{n}{i}",), f"{key}.self{i}.{n}")
+    yield from _linear(path + (f"out{i}",), f"{key}.output.dense{i}")
+  if merge:
+    yield from _linear(path + ("merge",), f"{key}.output.merge_layer")
+  yield from _norm(path + ("norm",), f"{key}.output.LayerNorm")
+
+
 def text_entries(cfg: BlipConfig, root: Path, prefix: str, *, cross: bool, lm_prefix: str | None = None,
-                 dec_prefix: str | None = None) -> Iterator[Entry]:
+                 dec_prefix: str | None = None, twin_cross: bool = False) -> Iterator[Entry]:
   """A TextTransformer at `root`, stored under `prefix` (e.g. 'text_encoder.').
 
+  twin_cross (NLVR2): two cross-attentions per layer, merged from cfg.fusion_layer on.
   dec_prefix (pretraining): the decoder copy ('text_decoder.bert.'), which holds `self_attn_dec`
   and, as tied aliases, every shared weight. lm_prefix: where the LM head lives ('text_decoder.cls.').
   """
@@ -101,7 +114,9 @@ def text_entries(cfg: BlipConfig, root: Path, prefix: str, *, cross: bool, lm_pr
     yield from _attention(p + ("self_attn",), k + "attention")
     if dec_prefix is not None:
       yield from _attention(p + ("self_attn_dec",), f"{dec_prefix}encoder.layer.{i}.attention")
-    if cross:
+    if twin_cross:
+      yield from _twin_cross_attention(p + ("cross_attn",), k + "crossattention", i >= cfg.fusion_layer)
+    elif cross:
       yield from shared(_attention(p + ("cross_attn",), k + "crossattention"))
     yield from shared(_linear(p + ("fc1",), k + "intermediate.dense"))
     yield from shared(_linear(p + ("fc2",), k + "output.dense"))
@@ -125,6 +140,10 @@ def official_table(cfg: BlipConfig) -> list[Entry]:
   if k in ("caption", "vqa"):
     out += text_entries(cfg, ("text_decoder",), "text_decoder.bert.", cross=True,
                         lm_prefix="text_decoder.cls.")
+  if k == "nlvr":  # official BLIP_NLVR: text_encoder (BertModel) + cls_head = Sequential(Linear, ReLU, Linear)
+    out += text_entries(cfg, ("text_encoder",), "text_encoder.", cross=True, twin_cross=True)
+    out += _linear(("cls_hidden",), "cls_head.0")
+    out += _linear(("cls_out",), "cls_head.2")
   if cfg.has_itc:
     for n in ("vision_proj", "text_proj", "itm_head"):
       out += _linear((n,), n)
@@ -170,9 +189,9 @@ def to_hf_key(key: str) -> str:
 def hf_table(cfg: BlipConfig, keep_temp: bool = False) -> list[Entry]:
   """The HF layout of a task model (HF has no pretraining class and stores no `temp`; loaders
   keep its entry with keep_temp=True and fill the default)."""
-  if cfg.kind == "pretrain":
-    raise ValueError("transformers has no BLIP pretraining class; convert to a task kind "
-                     "(caption, retrieval or vqa) first")
+  if cfg.kind in ("pretrain", "nlvr"):
+    raise ValueError(f"transformers has no BLIP {'pretraining' if cfg.kind == 'pretrain' else 'NLVR2'} class; "
+                     "an HF export holds a caption, retrieval or vqa model")
   out = []
   for e in official_table(cfg):
     if e.key == "temp" and not keep_temp:

@@ -12,6 +12,7 @@ paper and a pure function of (params, inputs) through `model.apply(params, ..., 
   vqa_question  question encoder states (cross-attends to the image)          [B, Lq, D]
   vqa_answer_logits  answer decoder over question states                      [B, La, V]
   vqa_packed_logits  the same over packed candidate answers (answer ranking)   [B, T, V]
+  nlvr_logits   NLVR2 head on the [ENC] state of the text grounded in two images [B, 2]
   decode        one incremental decoder call with the KV cache (generation)
 
 Each role writes its own first token ([CLS] / [ENC] / [DEC]), so callers may pass ids from any
@@ -36,6 +37,14 @@ def _l2_normalize(x, eps=1e-12):
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def _torch_linear_init(fan_in: int):
+  """torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+  def init(key, shape, dtype=jnp.float32):
+    import jax
+    return jax.random.uniform(key, shape, dtype, -1.0 / fan_in ** 0.5, 1.0 / fan_in ** 0.5)
+  return init
+
+
 def with_first_token(ids, token_id):
   return ids.at[:, 0].set(token_id)
 
@@ -52,6 +61,15 @@ class Blip(nn.Module):
                                           lm_head=True, dtype=dt)
     elif c.kind in ("retrieval", "vqa"):
       self.text_encoder = TextTransformer(c.text, c.vision.width, dtype=dt)
+    elif c.kind == "nlvr":
+      self.text_encoder = TextTransformer(c.text, c.vision.width, dtype=dt, twin_cross=True,
+                                          fusion_layer=c.fusion_layer)
+      # official cls_head: Linear(D, D) - ReLU - Linear(D, 2), torch's default Linear init
+      uniform = _torch_linear_init(c.text.width)  # the fan-in of both layers
+      torch_init = lambda axes: dict(kernel_init=param_init(uniform, axes), bias_init=param_init(uniform, axes[-1:]))
+      self.cls_hidden = nn.Dense(c.text.width, dtype=dt, param_dtype=jnp.float32, name="cls_hidden",
+                                 **torch_init(("embed", "mlp")))
+      self.cls_out = nn.Dense(2, dtype=dt, param_dtype=jnp.float32, name="cls_out", **torch_init(("mlp", None)))
     if c.kind == "caption":
       self.text_decoder = TextTransformer(c.text, c.vision.width, lm_head=True, dtype=dt)
     elif c.kind == "vqa":  # the answer decoder attends to question states (text width)
@@ -124,6 +142,13 @@ class Blip(nn.Module):
                                self_bias=self_bias)
     return self.text_decoder.logits(hidden)
 
+  def nlvr_logits(self, image0_embeds, image1_embeds, ids, mask, train: bool = False):
+    """NLVR2 (official BLIP_NLVR.forward): the sentence, first token [ENC], attends to both images
+    (one cross-attention each); the MLP head reads its [ENC] state. Returns [B, 2] float32."""
+    ids = with_first_token(ids, self.config.text.enc_id)
+    hidden = self.text_encoder(ids, mask, (image0_embeds, image1_embeds), train=train)[:, 0]
+    return self.cls_out(nn.relu(self.cls_hidden(hidden))).astype(jnp.float32)
+
   def decode(self, ids, memory=None, memory_mask=None, *, position_offset=0):
     """One incremental decoder call on the KV cache (apply with mutable=['cache']).
 
@@ -147,6 +172,8 @@ class Blip(nn.Module):
       out["itm_logits"] = self.itm_logits(image_embeds, ids, mask, train)
     if c.kind in ("pretrain", "caption"):
       out["lm_logits"] = self.lm_logits(image_embeds, ids, mask, train)
+    if c.kind == "nlvr":
+      out["nlvr_logits"] = self.nlvr_logits(image_embeds, image_embeds, ids, mask, train)
     if c.kind == "vqa":
       q = self.vqa_question(image_embeds, ids, mask, train)
       out["answer_logits"] = self.vqa_answer_logits(q, mask, ids, mask, train)

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 # The roles of the text transformer and the tower layout of each model kind (blip_facts §2.4, §7.3).
-KINDS = ("pretrain", "retrieval", "caption", "vqa")
+KINDS = ("pretrain", "retrieval", "caption", "vqa", "nlvr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +65,16 @@ class BlipConfig:
   caption:   ViT + text decoder (with cross-attention) + LM head.
   vqa:       ViT + question encoder (cross-attends to the image) + answer decoder (cross-attends to the
              question states, so its cross-attention key/value width is the text width) + LM head.
+  nlvr:      ViT (run on both images) + an image-grounded text encoder with two cross-attentions per
+             layer, one per image (merged from layer `fusion_layer` on) + a 2-way MLP head.
   """
   kind: str = "pretrain"
   vision: VisionConfig = VisionConfig()
   text: TextConfig = TextConfig()
   embed_dim: int = 256  # ITC projection width
+  # nlvr: the first text layer that concatenates the two images' cross-attention outputs and
+  # merges them (2D -> D); layers below average them. The official fixes 6 whatever the depth.
+  fusion_layer: int = 6
   dtype: str = "float32"  # compute dtype; params stay float32
 
   def __post_init__(self):
@@ -92,7 +97,7 @@ class BlipConfig:
 
   @property
   def has_encoder(self) -> bool:
-    return self.kind in ("pretrain", "retrieval", "vqa")
+    return self.kind in ("pretrain", "retrieval", "vqa", "nlvr")
 
   @property
   def has_decoder(self) -> bool:

@@ -93,11 +93,44 @@ class BertAttention(nn.Module):
     return ck.value, cv.value, bias
 
 
+class TwinCrossAttention(nn.Module):
+  """NLVR2's cross-attention (official nlvr_encoder.py): the text attends to each of two images
+  with its own query/key/value and output dense (suffix 0 / 1). Below the fusion layer the two
+  outputs are averaged; from it on they are concatenated and merged by a linear 2D -> D (no
+  activation). Then one dropout, residual and LayerNorm, shared."""
+  cfg: TextConfig
+  merge: bool
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, memories, biases, train: bool = False):
+    c = self.cfg
+    b, l, d = x.shape
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], c.heads, d // c.heads)
+    outs = []
+    for i, (kv, bias) in enumerate(zip(memories, biases)):
+      q = split(dense(d, ("embed", "heads"), f"query{i}", self.dtype)(x))
+      k = split(dense(d, ("embed", "heads"), f"key{i}", self.dtype)(kv))
+      v = split(dense(d, ("embed", "heads"), f"value{i}", self.dtype)(kv))
+      rng = self.make_rng("dropout") if (train and c.dropout > 0) else None
+      out = dot_product_attention(q, k, v, bias, dropout_rate=c.dropout if train else 0.0, dropout_rng=rng,
+                                  dtype=self.dtype)
+      outs.append(dense(d, ("heads", "embed"), f"out{i}", self.dtype)(out.reshape(b, l, d)))
+    if self.merge:
+      y = dense(d, ("mlp", "embed"), "merge", self.dtype)(jnp.concatenate(outs, axis=-1))
+    else:
+      y = (outs[0] + outs[1]) / 2
+    y = nn.Dropout(c.dropout)(y, deterministic=not train)
+    return layer_norm(c.layer_norm_eps, "norm", self.dtype)(y + x)
+
+
 class BertLayer(nn.Module):
   cfg: TextConfig
   has_cross: bool
   decoder_self_attn: bool  # pretraining: a second self-attention set used by the decoder role
   dtype: Dtype
+  twin_cross: bool = False  # NLVR2: memory is a pair of images, one cross-attention each
+  merge: bool = False  # NLVR2: this layer merges the pair by a linear layer (else averages)
 
   @nn.compact
   def __call__(self, x, bias, memory=None, memory_bias=None, *, causal=False, decode=False,
@@ -110,7 +143,9 @@ class BertLayer(nn.Module):
       BertAttention(c, False, self.dtype, name=other)(x, bias=bias)
     x = BertAttention(c, False, self.dtype, name=name)(
         x, bias=bias, causal=causal, decode=decode, key_mask=key_mask, train=train)
-    if self.has_cross and (memory is not None or decode):
+    if self.has_cross and self.twin_cross:
+      x = TwinCrossAttention(c, self.merge, self.dtype, name="cross_attn")(x, memory, memory_bias, train=train)
+    elif self.has_cross and (memory is not None or decode):
       x = BertAttention(c, True, self.dtype, name="cross_attn")(
           x, memory, memory_bias, decode=decode, train=train)
     y = dense(c.mlp_dim, ("embed", "mlp"), "fc1", self.dtype)(x)
@@ -125,12 +160,15 @@ class TextTransformer(nn.Module):
   unimodal encoder:        memory=None,  causal=False   (ITC, [CLS])
   image-grounded encoder:  memory=image, causal=False   (ITM / VQA question, [ENC])
   image-grounded decoder:  memory=image, causal=True    (LM, [DEC]); uses `self_attn_dec` if present
+  NLVR2 encoder:           memory=(image0, image1)      (twin_cross: one cross-attention per image)
   """
   cfg: TextConfig
   cross_width: Optional[int] = None  # None: no cross-attention layers
   decoder_self_attn: bool = False
   lm_head: bool = False
   dtype: Dtype = jnp.float32
+  twin_cross: bool = False  # NLVR2: two cross-attentions per layer, memory = (image0, image1)
+  fusion_layer: int = 6  # NLVR2: layers from this one on merge the pair by a linear layer
 
   def setup(self):
     c = self.cfg
@@ -143,6 +181,7 @@ class TextTransformer(nn.Module):
     self.embed_norm = layer_norm(c.layer_norm_eps, "embed_norm", self.dtype)
     self.embed_dropout = nn.Dropout(c.dropout)
     self.layers = [BertLayer(c, self.cross_width is not None, self.decoder_self_attn, self.dtype,
+                             twin_cross=self.twin_cross, merge=self.twin_cross and i >= self.fusion_layer,
                              name=f"layer_{i}") for i in range(c.depth)]
     if self.lm_head:
       self.lm_dense = dense(c.width, ("embed", "embed_out"), "lm_dense", self.dtype)
@@ -165,7 +204,9 @@ class TextTransformer(nn.Module):
     x = self.embed_dropout(self.embed_norm(x), deterministic=not train)
     bias = None if decode else (padding_bias(mask) if self_bias is None else self_bias)
     memory_bias = None
-    if memory is not None and memory_mask is not None:
+    if self.twin_cross:  # a pair of memories (and of masks, or None)
+      memory_bias = tuple(None if m is None else padding_bias(m) for m in (memory_mask or (None, None)))
+    elif memory is not None and memory_mask is not None:
       memory_bias = padding_bias(memory_mask)
     for layer in self.layers:
       x = layer(x, bias, memory, memory_bias, causal=causal, decode=decode, key_mask=mask,

@@ -45,8 +45,9 @@ def model_config(c, tokenizer=None):
                         f"{tokenizer.vocab_size}")
     text.update(pad_id=tokenizer.pad_id, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
                 dec_id=tokenizer.dec_id, enc_id=tokenizer.enc_id)
+  extra = {"fusion_layer": m.fusion_layer} if "fusion_layer" in m else {}  # NLVR2
   return BlipConfig(kind=tasks.get(c.task).model_kind, vision=VisionConfig(**vision), text=TextConfig(**text),
-                    embed_dim=m.embed_dim, dtype=m.dtype)
+                    embed_dim=m.embed_dim, dtype=m.dtype, **extra)
 
 
 def make_mesh(c, devices=None):
@@ -400,6 +401,8 @@ def _loss_terms(m: dict) -> str:
     out += f" lm {m['loss_lm']:.4f}"
   if "temp" in m:
     out += f" temp {m['temp']:.4f}"
+  if "nlvr_acc" in m:
+    out += f" (acc {m['nlvr_acc']:.3f})"
   return out
 
 
@@ -544,6 +547,7 @@ def _initialise_from(c, mcfg, state, shardings):
   if not (init.blip or init.deit or init.bert):
     return state
   from blip_jax.checkpoints.init_from import load_bert_into, load_vit_into
+  from blip_jax.checkpoints.retarget import fresh_where_shapes_differ, retarget
   from blip_jax.train.step import momentum_view
   params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
   extras = {}
@@ -551,10 +555,14 @@ def _initialise_from(c, mcfg, state, shardings):
     from blip_jax.api import load
     m = load(init.blip, kind=mcfg.kind, image_size=mcfg.vision.image_size)
     params, extras = jax.tree.map(np.asarray, m.params), m.extras
+    fresh = jax.tree.map(np.asarray, jax.device_get(state["params"]))
     if m.config.kind != mcfg.kind:  # our or a transformers checkpoint of another kind
-      params, extras = _retarget(params, extras, m.config.kind, mcfg.kind, init.blip)
+      try:
+        params, extras = retarget(params, extras, m.config.kind, mcfg.kind, fresh, name=f"init.blip {init.blip}")
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
     if mcfg.kind == "vqa":  # ViT-L: the decoder's cross-attention (1024 in, 768 for VQA) starts fresh
-      params = _fresh_where_shapes_differ(params, jax.tree.map(np.asarray, jax.device_get(state["params"])))
+      params = fresh_where_shapes_differ(params, fresh)
   from blip_jax import fs
   if init.deit:
     params = load_vit_into(params, mcfg, fs.local_copy(init.deit))
@@ -569,39 +577,6 @@ def _initialise_from(c, mcfg, state, shardings):
     new["image_queue"], new["text_queue"] = buf["image_queue"].T, buf["text_queue"].T  # (256, Q) -> (Q, 256)
   new["opt_state"] = state["opt_state"]
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), new, shardings)
-
-
-def _fresh_where_shapes_differ(params, fresh):
-  """Leaves whose shape differs from the model's are re-initialised, with a warning (the official
-  load_checkpoint drops them: the VQA answer decoder of a ViT-L pretraining checkpoint)."""
-  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  out = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(fresh)[0]:
-    got = flat.get(path)
-    if got is None or got.shape != leaf.shape:
-      print(f"warning: init.blip has {'no' if got is None else got.shape} {jax.tree_util.keystr(path)} for the "
-            f"model's {leaf.shape}: initialised fresh", file=sys.stderr, flush=True)
-      got = leaf
-    out.append(got)
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(fresh), out)
-
-
-def _retarget(params, extras, src: str, dst: str, path: str):
-  """A pretraining model's weights as a fine-tuning model (the official fine-tuning starts):
-  retrieval = the text encoder without the decoder's self-attention and LM head; caption = the
-  image-grounded decoder (the shared weights with the decoder's self-attention, and the LM head)."""
-  if src != "pretrain" or dst not in ("retrieval", "caption", "vqa"):
-    raise ConfigError(f"init.blip {path} is a {src!r} model; a {dst!r} run starts from a {dst} or pretraining "
-                      "checkpoint")
-  from blip_jax.train.step import momentum_view
-  decoder = {k: ({n: v for n, v in layer.items() if n != "self_attn_dec"} | {"self_attn": layer["self_attn_dec"]})
-             if k.startswith("layer_") else layer for k, layer in params["text_encoder"].items()}
-  if dst == "caption":
-    return {"visual_encoder": params["visual_encoder"], "text_decoder": decoder}, {}
-  if dst == "vqa":  # official blip_vqa: question encoder = text encoder, answer decoder = decoder
-    enc = momentum_view(params)
-    return {"visual_encoder": enc["visual_encoder"], "text_encoder": enc["text_encoder"], "text_decoder": decoder}, {}
-  return {**momentum_view(params), "temp": params["temp"], "itm_head": params["itm_head"]}, extras
 
 
 def _flat(d, prefix=""):
