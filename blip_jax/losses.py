@@ -113,3 +113,11 @@ def vqa_loss(logits, answer_ids, answer_mask, weights, *, label_smoothing: float
   per_answer = lm_loss(logits, answer_ids.reshape(b * a, la), answer_mask.reshape(b * a, la),
                        label_smoothing=label_smoothing, reduction="none").reshape(b, a)
   return (weights * per_answer).sum() / b
+
+
+def nlvr_loss(logits, labels):
+  """NLVR2 (official BLIP_NLVR): cross-entropy of the 2-way head on the label (1: the sentence is
+  true of the pair), mean over the batch. Returns (loss, accuracy)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
+  return loss, jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))

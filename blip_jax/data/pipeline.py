@@ -28,7 +28,7 @@ from blip_jax.data.sources import Source
 
 log = logging.getLogger(__name__)
 
-TEXT_LENGTH = {"pretrain": 30, "retrieval": 35, "caption": 40, "vqa": 35, "nlvr": 35}
+TEXT_LENGTH = {"pretrain": 30, "retrieval": 35, "caption": 40, "vqa": 35, "nlvr": 64}
 
 
 @dataclasses.dataclass
@@ -44,6 +44,9 @@ class PipelineConfig:
   prompt: str = ""  # e.g. 'a picture of ' for caption finetuning
   answer_length: int = 8
   max_answers: int = 10
+  # NLVR2 training (official nlvr_dataset): with probability 0.5 the two images change places and
+  # the words 'left' and 'right' in the sentence with them
+  swap_pair: bool = True
   seed: int = 0
   threads: int = 2  # tf.data private thread pool
   prefetch: int = 2
@@ -146,10 +149,15 @@ class InputPipeline:
       if task == "vqa":
         out["answers"] = raw["answers"][:c.max_answers].to_tensor() if hasattr(raw["answers"], "to_tensor") else raw["answers"][:c.max_answers]
         out["weights"] = raw["weights"][:c.max_answers]
-      if task == "nlvr":
-        out["image2"] = (T.decode_train(raw["image2"], seed + 1000, c.image_size, c.crop_scale, False, c.randaug)
-                         if c.train else T.decode_eval(raw["image2"], c.image_size))
-        out["label"] = raw["label"]
+      if task == "nlvr":  # both images get the training transform (official: the flip too)
+        img2 = (T.decode_train(raw["image2"], seed + 1000, c.image_size, c.crop_scale, c.flip, c.randaug)
+                if c.train else T.decode_eval(raw["image2"], c.image_size))
+        if c.train and c.swap_pair:
+          swap = tf.random.stateless_uniform([], seed + 2000) < 0.5
+          img, img2 = tf.cond(swap, lambda: (img2, img), lambda: (img, img2))
+          out["image"] = img
+          out["text"] = tf.cond(swap, lambda: T.tf_swap_left_right(text), lambda: text)
+        out["image2"], out["label"] = img2, raw["label"]
       return out
     return fn
 

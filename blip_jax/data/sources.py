@@ -41,7 +41,8 @@ class Source:
     raise NotImplementedError(f"{type(self).__name__} has no evaluation captions")
 
   def corpus(self) -> list:
-    """The source's texts, to train a tokenizer on (captions; VQA: questions and answers)."""
+    """The source's texts, to train a tokenizer on (captions; VQA: questions and answers; NLVR2:
+    sentences)."""
     return self.eval_texts()[0]
 
 
@@ -144,6 +145,8 @@ class JsonSource(Source):
         a = e.get("answer", [])
         out += [e["question"]] + ([a] if isinstance(a, str) else list(a))
       return out
+    if self.task == "nlvr":
+      return [e["sentence"] for e in self.entries]
     return self.eval_texts()[0]
 
   def eval_texts(self):

@@ -244,6 +244,14 @@ def tf_pre_question(s, max_words: int = 50):
   return tf.strings.reduce_join(words[:max_words], separator=" ")
 
 
+def tf_swap_left_right(s):
+  """NLVR2's augmentation text (official nlvr_dataset): the words 'left' and 'right' exchanged,
+  whole space-separated words only (pre_caption has left single spaces), so 'leftover' stays."""
+  words = tf.strings.split(s, " ")
+  words = tf.where(words == "left", "right", tf.where(words == "right", "left", words))
+  return tf.strings.reduce_join(words, separator=" ")
+
+
 def is_valid_utf8(s):
   fixed = tf.strings.unicode_transcode(s, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
   return tf.equal(fixed, s)

@@ -37,4 +37,9 @@ def get(name: str) -> Task:
     # official train_vqa.py keeps the last epoch; with eval.annotations.val set, the best by accuracy
     return Task("vqa", "vqa", vqa.check_training_config, vqa.evaluate_splits, select="val/accuracy",
                 shown=("accuracy", "overall", "exact_match"))
-  raise ValueError(f"unknown task {name!r}: pretrain, retrieval, caption or vqa")
+  if name == "nlvr":
+    from blip_jax.tasks import nlvr
+    # official train_nlvr.py: the best epoch by val accuracy
+    return Task("nlvr", "nlvr", nlvr.check_training_config, nlvr.evaluate_splits, select="val/accuracy",
+                shown=("accuracy",))
+  raise ValueError(f"unknown task {name!r}: pretrain, retrieval, caption, vqa or nlvr")

@@ -5,7 +5,7 @@ import ml_collections as mlc
 
 def base():
   c = mlc.ConfigDict()
-  c.task = "pretrain"  # pretrain | retrieval | caption | vqa: the task's model kind, step and evaluation
+  c.task = "pretrain"  # pretrain | retrieval | caption | vqa | nlvr: the task's model kind, step and evaluation
   c.seed = 0
   c.model = mlc.ConfigDict(dict(
       vit="base",  # tiny | base | large ('' = only `vision` below)

@@ -1,7 +1,8 @@
 """The training step: ITC + ITM + LM in one jitted, sharded function (blip_facts §3.2); the
 retrieval fine-tuning step is the same with image-id positives and no LM (§5.1); caption
 fine-tuning is the LM loss alone, with the prompt's tokens not targets (§5.2); VQA fine-tuning is
-the weighted answer loss of the answer decoder over the question states (§5.3).
+the weighted answer loss of the answer decoder over the question states (§5.3); NLVR2
+fine-tuning is the cross-entropy of the two-image classifier (§5.4).
 
 State (a plain dict pytree, checkpointed as is):
   step, params (the model of the task's kind), opt_state (AdamW), rng, nonfinite_step, and for the
@@ -198,6 +199,20 @@ def _vqa_forward(cfg: BlipConfig, loss_cfg: LossConfig, params, batch, rng):
   return loss, ({"loss": loss, "loss_vqa": loss}, None, None)
 
 
+def _nlvr_forward(cfg: BlipConfig, loss_cfg: LossConfig, params, batch, rng):
+  """NLVR2 fine-tuning (official BLIP_NLVR.forward): both images through the ViT, the sentence
+  grounded in the pair, cross-entropy of the head on the label."""
+  ids, mask = batch["text_ids"], batch["text_mask"]
+
+  def f(m):
+    e0 = m.encode_image(normalize_images(batch["image"]), train=True)
+    e1 = m.encode_image(normalize_images(batch["image2"]), train=True)
+    return m.nlvr_logits(e0, e1, ids, mask, train=True)
+  logits = Blip(cfg).apply({"params": params}, method=f, rngs={"dropout": rng})
+  loss, acc = losses.nlvr_loss(logits, batch["label"])
+  return loss, ({"loss": loss, "loss_nlvr": loss, "nlvr_acc": acc}, None, None)
+
+
 def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation, lr_fn: Callable):
   """Returns step(state, batch) -> (state, metrics). Pure; jit it with shardings."""
   contrastive = cfg.has_itc  # ITC/ITM kinds: momentum towers and queues
@@ -224,6 +239,8 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
         f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, alpha, r)
       elif cfg.kind == "vqa":
         f = lambda p: _vqa_forward(cfg, loss_cfg, p, mb, r)
+      elif cfg.kind == "nlvr":
+        f = lambda p: _nlvr_forward(cfg, loss_cfg, p, mb, r)
       else:
         f = lambda p: _caption_forward(cfg, loss_cfg, p, mb, r)
       (_, (metrics, feat_i, feat_t)), grads = jax.value_and_grad(f, has_aux=True)(params)
