@@ -1,4 +1,4 @@
-"""`blip-jax` command line: convert, score, caption, vqa, capfilt, eval (retrieval, caption, vqa),
+"""`blip-jax` command line: convert, score, caption, vqa, capfilt, eval (retrieval, caption, vqa, nlvr),
 train-tokenizer, make-shards, train, compile."""
 from __future__ import annotations
 
@@ -324,7 +324,32 @@ def cmd_make_shards(a):
         f"({stats['already_done']} shards already done, {stats['missing_images']} missing images skipped)")
 
 
+def cmd_eval_nlvr(a):
+  from blip_jax.tasks import nlvr as N
+  from blip_jax import fs
+  fs.check_output(a.out, a.overwrite, "--out")
+  pairs, skipped = N.read_pairs(a.annotations, a.image_root)
+  from blip_jax.train import launch
+  launch.maybe_initialize_distributed()
+  import blip_jax
+  model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
+  if model.config.kind != "nlvr":
+    sys.exit(f"error: {a.model} is a {model.config.kind} model; NLVR2 needs an NLVR2 checkpoint "
+             "(model_base_nlvr.pth, or fine-tune one: configs/nlvr.py)")
+  if model.tokenizer is None:
+    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+  result = N.evaluate_nlvr(model, pairs, skipped=skipped, batch_size=a.batch_size, progress=not a.quiet)
+  import jax
+  if jax.process_index() == 0:
+    N.write_outputs(result, a.out)
+    print(f"{len(result.predictions)} of {len(pairs) + len(skipped)} pairs predicted; skipped {len(result.skipped)}",
+          file=sys.stderr)
+    print(N.format_metrics(result))
+    print(f"wrote {a.out}/predictions.json, metrics.json", file=sys.stderr)
+
+
 def build_parser():
+  from blip_jax.models.config import KINDS
   p = argparse.ArgumentParser(prog="blip-jax", description="BLIP in JAX/Flax")
   sub = p.add_subparsers(dest="cmd", required=True)
   sub.add_parser("train", help="train a task: --config=configs/<task>.py:VARIANT --workdir=DIR [--config.k=v]")
@@ -335,8 +360,9 @@ def build_parser():
   c.add_argument("src")
   c.add_argument("dst")
   c.add_argument("--to", choices=("native", "hf"), default="native")
-  c.add_argument("--kind", choices=("pretrain", "retrieval", "caption", "vqa"),
-                 help="official files: load as this model kind (default: the file's own)")
+  c.add_argument("--kind", choices=KINDS,
+                 help="official files: load as this model kind (default: the file's own; a pretraining file "
+                      "starts any task model)")
   c.add_argument("--image-size", type=int, help="interpolate the position embedding to this size")
   c.add_argument("--vision-eps", type=float, help="ViT LayerNorm eps (official 1e-6; HF config's)")
   c.add_argument("--vocab", help="bert-base-uncased vocab.txt to store as the tokenizer")
@@ -446,6 +472,20 @@ def build_parser():
   ev_vqa.add_argument("--batch-size", type=int, default=16, help="questions per step (split over local devices)")
   ev_vqa.add_argument("--quiet", action="store_true", help="no progress bar")
   ev_vqa.set_defaults(fn=cmd_eval_vqa)
+
+  en = ev.add_parser("nlvr", help="NLVR2: does each sentence hold for its pair of images; predictions.json and, "
+                     "with labels, the accuracy (the paper reports dev and test-P)")
+  en.add_argument("--model", required=True, help="NLVR2 checkpoint: official model_base_nlvr.pth or ours")
+  en.add_argument("--annotations", required=True, help="BLIP's nlvr_dev.json / nlvr_test.json: "
+                  "[{images: [left, right], sentence, label}]")
+  en.add_argument("--image-root", default="", help="root of the annotations' image paths")
+  en.add_argument("--out", required=True, help="writes predictions.json and metrics.json here")
+  en.add_argument("--overwrite", action="store_true", help="replace the files of an existing non-empty --out")
+  en.add_argument("--batch-size", type=int, default=64, help="pairs per step (split over local devices)")
+  en.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
+  en.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 384)")
+  en.add_argument("--quiet", action="store_true", help="no progress bar")
+  en.set_defaults(fn=cmd_eval_nlvr)
 
   t = sub.add_parser("train-tokenizer", help="train a SentencePiece model with BLIP's special tokens")
   t.add_argument("--input", required=True, help="text file, one sentence per line")

@@ -1,0 +1,249 @@
+"""NLVR2's two-image model equals an independent PyTorch model of the official one, official
+checkpoints load with nothing unexplained, a pretraining checkpoint starts both image branches, and
+the swap augmentation swaps the words exactly when it swaps the images.
+
+The reference below restates the official nlvr_encoder.py / blip_nlvr.py forward (blip_facts §5.4)
+on transformers' BLIP modules: the ViT is transformers' BlipVisionModel, each text layer's
+self-attention, first cross-attention, intermediate and output are transformers' BlipText modules;
+the second cross-attention is one more transformers BlipTextSelfAttention, dense1 / merge_layer /
+cls_head are torch Linear layers. Nothing from blip_jax but the file it is saved to.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
+
+import blip_jax
+from blip_jax.checkpoints import mapping
+from blip_jax.checkpoints.convert import to_state_dict
+from conftest import COCO
+from hf_ref import make_hf, parity_reinit
+from official_ref import official_state_dict, read_keys, shared_pair
+
+TOL = 1e-4
+FUSION = 2  # the tiny text tower has 4 layers: 0-1 average the two images, 2-3 merge them
+
+
+class OfficialNLVR(torch.nn.Module):
+  def __init__(self, seed: int = 3):
+    super().__init__()
+    ret = make_hf("retrieval", 1e-6, seed=seed)
+    self.vision, self.text = ret.vision_model, ret.text_encoder
+    tc = ret.config.text_config
+    d, n = tc.hidden_size, tc.num_hidden_layers
+    self.self1 = torch.nn.ModuleList([BlipTextSelfAttention(tc, is_cross_attention=True) for _ in range(n)])
+    self.dense1 = torch.nn.ModuleList([torch.nn.Linear(d, d) for _ in range(n)])
+    self.merge = torch.nn.ModuleDict({str(i): torch.nn.Linear(2 * d, d) for i in range(FUSION, n)})
+    self.cls_head = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.ReLU(), torch.nn.Linear(d, 2))
+    for m in (self.self1, self.dense1, self.merge, self.cls_head):
+      parity_reinit(m, seed + 1)
+    self.eval()
+
+  @torch.no_grad()
+  def forward(self, pixels0, pixels1, ids, mask):
+    to_t = lambda p: torch.tensor(np.asarray(p)).permute(0, 3, 1, 2)
+    e0 = self.vision(pixel_values=to_t(pixels0)).last_hidden_state
+    e1 = self.vision(pixel_values=to_t(pixels1)).last_hidden_state
+    ids = torch.tensor(np.asarray(ids), dtype=torch.long)
+    ids[:, 0] = 30523  # [ENC]
+    x = self.text.embeddings(input_ids=ids)
+    ext = (1.0 - torch.tensor(np.asarray(mask), dtype=torch.float32)[:, None, None, :]) * -10000.0
+    for i, layer in enumerate(self.text.encoder.layer):
+      a = layer.attention(x, attention_mask=ext)[0]
+      c0 = layer.crossattention.self(a, encoder_hidden_states=e0)[0]
+      c1 = self.self1[i](a, encoder_hidden_states=e1)[0]
+      d0, d1 = layer.crossattention.output.dense(c0), self.dense1[i](c1)
+      h = self.merge[str(i)](torch.cat([d0, d1], dim=-1)) if i >= FUSION else (d0 + d1) / 2
+      h = layer.crossattention.output.LayerNorm(h + a)
+      x = layer.output(layer.intermediate(h), h)
+    return self.cls_head(x[:, 0]).numpy()
+
+  def official_state_dict(self) -> dict:
+    """model_base_nlvr.pth's layout: visual_encoder.*, text_encoder.* with crossattention.self0/self1,
+    output.dense0/dense1 and output.merge_layer, cls_head.0 / cls_head.2."""
+    vis = {k: v for k, v in self.vision.state_dict().items()}
+    sd = {}
+    for key in read_keys("keys_official_retrieval.txt"):
+      if key.startswith("visual_encoder."):
+        sd[key] = vis[mapping.to_hf_key(key)[len("vision_model."):]].clone()
+    for k, v in self.text.state_dict().items():
+      k = "text_encoder." + k
+      k = k.replace(".crossattention.self.", ".crossattention.self0.").replace(
+          ".crossattention.output.dense.", ".crossattention.output.dense0.")
+      sd[k] = v.clone()
+    sd["text_encoder.embeddings.position_ids"] = torch.arange(self.text.config.max_position_embeddings)[None]
+    for i in range(len(self.self1)):
+      p = f"text_encoder.encoder.layer.{i}.crossattention."
+      for n, v in self.self1[i].state_dict().items():
+        sd[p + "self1." + n] = v.clone()
+      for n, v in self.dense1[i].state_dict().items():
+        sd[p + "output.dense1." + n] = v.clone()
+      if str(i) in self.merge:
+        for n, v in self.merge[str(i)].state_dict().items():
+          sd[p + "output.merge_layer." + n] = v.clone()
+    for n, v in self.cls_head.state_dict().items():
+      sd["cls_head." + n] = v.clone()
+    return sd
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+  ref = OfficialNLVR()
+  sd = ref.official_state_dict()
+  path = tmp_path_factory.mktemp("nlvr") / "model_base_nlvr.pth"
+  torch.save({"model": sd}, path)
+  return ref, sd, str(path)
+
+
+@pytest.fixture(scope="module")
+def inputs(coco, vocab_path):
+  tok = blip_jax.BertTokenizer(vocab_path)
+  pix = blip_jax.preprocess.preprocess([c[0] for c in coco[:4]], 224)
+  ids, mask = tok(["the left image shows exactly two laptops and a boy", "a dog"], max_length=16)
+  assert mask[1].sum() < mask[0].sum()  # one row padded
+  return pix[:2], pix[2:], ids, mask
+
+
+def test_logits_equal_the_official_model(official, inputs):
+  ref, _, path = official
+  model = blip_jax.load(path)
+  assert (model.config.kind, model.config.fusion_layer) == ("nlvr", FUSION)
+  p0, p1, ids, mask = inputs
+  want, got = ref(p0, p1, ids, mask), np.asarray(model.nlvr_logits(p0, p1, ids, mask))
+  assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
+  # the pair's order matters (each image has its own cross-attention weights): swapped, the
+  # reference moves far more than the tolerance, and ours still equals it
+  want_swapped = ref(p1, p0, ids, mask)
+  assert np.abs(want_swapped - want).max() > 100 * TOL
+  assert np.abs(np.asarray(model.nlvr_logits(p1, p0, ids, mask)) - want_swapped).max() <= TOL
+  assert np.abs(p0 - p1).max() > 1.0  # the two images differ
+
+
+def test_official_checkpoint_loads_exactly_and_round_trips(official, tmp_path):
+  _, sd, path = official
+  model = blip_jax.load(path)  # strict: any missing, mis-shaped or unexpected key raises
+  back = to_state_dict(model.params, mapping.official_table(model.config))
+  assert set(back) == set(sd) - {"text_encoder.embeddings.position_ids"}
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, sd[k].numpy(), err_msg=k)
+  # saved in our format and loaded again: the same model
+  model.save(str(tmp_path / "ours"))
+  again = blip_jax.load(str(tmp_path / "ours"))
+  assert again.config == model.config
+  same = lambda a, b: np.array_equal(np.asarray(a), np.asarray(b))
+  import jax
+  assert jax.tree.all(jax.tree.map(same, again.params, model.params))
+
+
+def test_a_layer_without_its_merge_weights_fails_loudly(official, tmp_path):
+  _, sd, _ = official
+  bad = {k: v for k, v in sd.items() if ".layer.3.crossattention.output.merge_layer." not in k}
+  torch.save({"model": bad}, tmp_path / "bad.pth")
+  with pytest.raises(Exception, match="merge_layer"):
+    blip_jax.load(str(tmp_path / "bad.pth"))
+
+
+def test_pretraining_checkpoint_starts_both_branches(tmp_path, vocab_path):
+  """Official BLIP_NLVR.load_checkpoint: crossattention.self -> self0 and self1, output.dense ->
+  dense0 and dense1. Loaded with kind='nlvr' (and by `convert --kind nlvr`), and through the
+  trainer's retarget of our pretraining model, both branches hold the pretrained weights."""
+  import jax
+  from blip_jax.checkpoints.retarget import retarget
+  from blip_jax.cli import main
+  from blip_jax.models.init import init_params
+  sd = official_state_dict("keys_official_pretrain.txt", *shared_pair())
+  torch.save({"model": sd}, tmp_path / "model_base.pth")
+  model = blip_jax.load(str(tmp_path / "model_base.pth"), kind="nlvr")
+  assert model.config.kind == "nlvr" and model.config.fusion_layer == 6  # 4 layers: none merges
+  pre = blip_jax.load(str(tmp_path / "model_base.pth"))
+  fresh = jax.tree.map(np.asarray, init_params(pre.config.replace(kind="nlvr", fusion_layer=FUSION)))
+  ours, _ = retarget(jax.tree.map(np.asarray, pre.params), {}, "pretrain", "nlvr", fresh)
+  for i in range(4):
+    k = f"text_encoder.encoder.layer.{i}.crossattention."
+    for params in (model.params, ours):
+      ca = params["text_encoder"][f"layer_{i}"]["cross_attn"]
+      for n in ("query", "key", "value"):
+        w = sd[k + f"self.{n}.weight"].numpy().T
+        np.testing.assert_array_equal(np.asarray(ca[f"{n}0"]["kernel"]), w)
+        np.testing.assert_array_equal(np.asarray(ca[f"{n}1"]["kernel"]), w)
+      for j in (0, 1):
+        np.testing.assert_array_equal(np.asarray(ca[f"out{j}"]["kernel"]), sd[k + "output.dense.weight"].numpy().T)
+        np.testing.assert_array_equal(np.asarray(ca[f"out{j}"]["bias"]), sd[k + "output.dense.bias"].numpy())
+    # the merge layers exist nowhere in a pretraining model: fresh ones
+    assert ("merge" in ours["text_encoder"][f"layer_{i}"]["cross_attn"]) == (i >= FUSION)
+  np.testing.assert_array_equal(ours["text_encoder"]["layer_3"]["cross_attn"]["merge"]["kernel"],
+                                fresh["text_encoder"]["layer_3"]["cross_attn"]["merge"]["kernel"])
+  assert jax.tree.structure(ours) == jax.tree.structure(fresh)
+  same = lambda a, b: jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+  for n in ("self_attn", "fc1", "ffn_norm"):  # the rest of the encoder is the pretrained encoder's
+    assert same(ours["text_encoder"]["layer_1"][n], pre.params["text_encoder"]["layer_1"][n])
+  assert not same(ours["text_encoder"]["layer_1"]["self_attn"], pre.params["text_encoder"]["layer_1"]["self_attn_dec"])
+  # the command line does the same and stores it in our format
+  main(["convert", str(tmp_path / "model_base.pth"), str(tmp_path / "nlvr"), "--kind", "nlvr", "--vocab", vocab_path])
+  conv = blip_jax.load(str(tmp_path / "nlvr"))
+  assert conv.config.kind == "nlvr" and conv.tokenizer is not None
+  assert same(conv.params["text_encoder"], model.params["text_encoder"])
+
+
+def test_other_kinds_cannot_start_nlvr(tmp_path):
+  sd = official_state_dict("keys_official_decoder.txt", *shared_pair())
+  torch.save({"model": sd}, tmp_path / "cap.pth")
+  with pytest.raises(Exception, match="pretraining"):
+    blip_jax.load(str(tmp_path / "cap.pth"), kind="nlvr")
+
+
+# ---- the swap augmentation -------------------------------------------------------------------------
+def test_swap_left_right_words_only():
+  import tensorflow as tf
+  from blip_jax.data.transforms import tf_swap_left_right
+  cases = {
+      "the left image has more dogs than the right one": "the right image has more dogs than the left one",
+      "a leftover pizza and a rightmost chair": "a leftover pizza and a rightmost chair",
+      "left left right": "right right left",
+      "the dog on the right, facing left": "the dog on the right, facing right",  # official: 'right,' is not 'right'
+  }
+  for s, want in cases.items():
+    assert tf_swap_left_right(tf.constant(s)).numpy().decode() == want
+
+
+def test_pipeline_swaps_words_exactly_when_it_swaps_images(tmp_path, vocab_path):
+  """Red left image, blue right image: an example whose first image is blue was swapped, and then
+  (and only then) its sentence has 'left' and 'right' exchanged; labels stay with their sentence."""
+  from PIL import Image
+  import blip_jax.data as D
+  Image.new("RGB", (40, 40), (230, 20, 20)).save(tmp_path / "red.jpg")
+  Image.new("RGB", (40, 40), (20, 20, 230)).save(tmp_path / "blue.jpg")
+  sentences = [f"In the left image {n} dogs sit, the right has a leftover bone." for n in range(24)]
+  entries = [{"images": ["red.jpg", "blue.jpg"], "sentence": s, "label": ["True", "False"][n % 2]}
+             for n, s in enumerate(sentences)]
+  (tmp_path / "pairs.json").write_text(json.dumps(entries))
+  tok = blip_jax.BertTokenizer(vocab_path)
+  pipe = D.InputPipeline(D.JsonSource(str(tmp_path / "pairs.json"), str(tmp_path)), tok,
+                         dict(batch_size=24, image_size=32, randaug=False, max_words=40, text_length=40))
+  from blip_jax.tokenizers import pre_caption
+  plain = {n: tok([pre_caption(s, 40)], max_length=40)[0][0] for n, s in enumerate(sentences)}
+  swap = lambda s: " ".join({"left": "right", "right": "left"}.get(w, w) for w in s.split(" "))
+  swapped = {n: tok([swap(pre_caption(s, 40))], max_length=40)[0][0] for n, s in enumerate(sentences)}
+  seen = []
+  for _ in range(2):  # two epochs: other draws
+    b = next(pipe)
+    for row in range(24):
+      img0_blue = b["image"][row, ..., 2].mean() > b["image"][row, ..., 0].mean()
+      img1_blue = b["image2"][row, ..., 2].mean() > b["image2"][row, ..., 0].mean()
+      assert img0_blue != img1_blue  # both images kept, one in each place
+      match_plain = [n for n in plain if np.array_equal(b["text_ids"][row], plain[n])]
+      match_swap = [n for n in swapped if np.array_equal(b["text_ids"][row], swapped[n])]
+      assert len(match_plain) + len(match_swap) == 1
+      n = (match_plain + match_swap)[0]
+      assert bool(match_swap) == bool(img0_blue), (row, img0_blue)
+      assert b["label"][row] == int(entries[n]["label"] == "True")
+      seen.append(bool(img0_blue))
+  assert 0.25 < np.mean(seen) < 0.75  # swapped about half the time
+  # evaluation batches never swap
+  ev = D.InputPipeline(D.JsonSource(str(tmp_path / "pairs.json"), str(tmp_path)), tok,
+                       dict(batch_size=24, image_size=32, train=False, max_words=40, text_length=40))
+  b = next(ev)
+  assert (b["image"][..., 0].mean(axis=(1, 2)) > b["image"][..., 2].mean(axis=(1, 2))).all()
