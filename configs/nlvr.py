@@ -8,7 +8,9 @@ nlvr2  the official recipe: init from a pretraining checkpoint (the paper:
        (best/); the paper reports its dev and test-P accuracy (82.15 / 82.24 from CapFilt-L,
        82.48 / 83.09 from model_base.pth).
 demo   a tiny model on NLVR2-style pairs built from COCO-mini (a caption of one of the two images
-       vs a caption of neither): first `python -m blip_jax.tasks.nlvr --out /tmp/nlvr_demo`.
+       vs a caption of neither), started from the retrieval demo's best model: first
+       `blip-jax train --config=configs/retrieval.py:demo --workdir=/tmp/blip_demo/retrieval` and
+       `python -m blip_jax.tasks.nlvr --out /tmp/nlvr_demo`.
 
 Data (BLIP's JSON, §8.1):
   --config.data.source.annotations='("/data/nlvr_train.json",)' --config.data.source.image_root=/data/NLVR2
@@ -46,11 +48,12 @@ def get_config(variant="nlvr2"):
     tiny_demo(c)
     c.data.source.update(annotations=("/tmp/nlvr_demo/train.json",), image_root=COCO_MINI)
     c.eval.annotations.update(val="/tmp/nlvr_demo/dev.json", test="")
+    c.init.blip = "/tmp/blip_demo/retrieval/best"  # from scratch, a tiny model learns too slowly here
     c.model.vision.drop_path = 0.0
     c.model.fusion_layer = 1  # the demo's 2 text layers: one averaging, one merging
     c.data.pipeline.text_length = 40
-    c.batch_size, c.epochs = 32, 40
-    c.eval.every_epochs = 10
+    c.batch_size, c.epochs = 32, 10
+    c.eval.every_epochs = 5
     c.optim.update(lr=1e-3, min_lr=1e-5)
   else:
     raise ValueError(f"unknown variant {variant!r}: nlvr2 or demo")

@@ -51,3 +51,27 @@ def coco():
 @pytest.fixture(scope="session")
 def rng():
   return np.random.RandomState(0)
+
+
+@pytest.fixture(scope="session")
+def retrieval_demo_run(tmp_path_factory):
+  """One retrieval fine-tuning run through the CLI, shared by the tests that check it and those
+  that start from it (NLVR2): 32 COCO-mini val images, captions 0-3 to train on, the 5th held out;
+  a tiny model from scratch, 200 steps (about a minute). Returns (CompletedProcess, workdir, data
+  dir holding train.json and held.json)."""
+  import subprocess
+  data = tmp_path_factory.mktemp("retrieval_demo")
+  from blip_jax.tasks.nlvr import retrieval_demo_annotations
+  train, held = retrieval_demo_annotations(json.load(open(os.path.join(COCO, "captions_karpathy_val.json"))))
+  (data / "train.json").write_text(json.dumps(train))
+  (data / "held.json").write_text(json.dumps(held))
+  work = data / "w"
+  cmd = [os.path.join(os.path.dirname(sys.executable), "blip-jax"), "train", "--config=configs/retrieval.py:demo",
+         f"--workdir={work}", f"--config.data.source.annotations=('{data / 'train.json'}',)",
+         f"--config.data.source.image_root={COCO}", f"--config.eval.annotations.val={data / 'held.json'}",
+         "--config.eval.annotations.test=", "--config.epochs=25", "--config.eval.every_epochs=5", "--config.eval.k=8",
+         "--config.batch_size=16", "--config.loss.queue_size=32", "--config.loss.momentum=0.9",
+         "--config.optim.lr=2e-3", "--config.log_every=25"]
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+  run = subprocess.run(cmd, cwd=root, env=one_device_env(), capture_output=True, text=True, timeout=900)
+  return run, work, data

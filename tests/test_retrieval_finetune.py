@@ -21,21 +21,10 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 _env = one_device_env
 
 
-def test_finetuning_learns_and_keeps_the_best_checkpoint(tmp_path):
+def test_finetuning_learns_and_keeps_the_best_checkpoint(retrieval_demo_run, tmp_path):
   """32 COCO-mini images: 4 captions each to train on, the 5th held out. A tiny model from scratch,
   200 steps: held-out R@1 and r_mean rise far above chance (R@1 3.1%, r_mean ~16.7 at k=8)."""
-  ann = json.load(open(os.path.join(COCO, "captions_karpathy_val.json")))[:32]
-  train = [{"image": a["image"], "caption": c, "image_id": f"coco_{a['image_id']}"} for a in ann for c in a["caption"][:4]]
-  held = [{"image": a["image"], "caption": [a["caption"][4]]} for a in ann]
-  (tmp_path / "train.json").write_text(json.dumps(train))
-  (tmp_path / "held.json").write_text(json.dumps(held))
-  work = tmp_path / "w"
-  cmd = [BIN, "train", "--config=configs/retrieval.py:demo", f"--workdir={work}",
-         f"--config.data.source.annotations=('{tmp_path / 'train.json'}',)", f"--config.data.source.image_root={COCO}",
-         f"--config.eval.annotations.val={tmp_path / 'held.json'}", "--config.eval.annotations.test=",
-         "--config.epochs=25", "--config.eval.every_epochs=5", "--config.eval.k=8", "--config.batch_size=16",
-         "--config.loss.queue_size=32", "--config.loss.momentum=0.9", "--config.optim.lr=2e-3", "--config.log_every=25"]
-  run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+  run, work, data = retrieval_demo_run
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
   rows = [json.loads(x) for x in open(work / "metrics.jsonl")]
   evals = [r for r in rows if "eval/val/r_mean" in r]
@@ -51,7 +40,7 @@ def test_finetuning_learns_and_keeps_the_best_checkpoint(tmp_path):
   best = json.loads((work / "best" / "best.json").read_text())
   assert best["value"] == max(r_mean) and best["epoch"] == evals[int(np.argmax(r_mean))]["epoch"]
   out = subprocess.run([BIN, "eval", "retrieval", "--model", str(work / "best"), "--annotations",
-                        str(tmp_path / "held.json"), "--image-root", COCO, "--k", "8", "--out", str(tmp_path / "e"),
+                        str(data / "held.json"), "--image-root", COCO, "--k", "8", "--out", str(tmp_path / "e"),
                         "--quiet"], env=_env(), capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   again = json.loads((tmp_path / "e" / "metrics.json").read_text())

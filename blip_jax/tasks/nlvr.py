@@ -232,22 +232,52 @@ def caption_pairs(entries: list, captions, seed: int = 0, repeats: int = 1) -> l
   return out
 
 
+def demo_pairs(entries: list, images: int = 16, dev_size: int = 512) -> tuple[list, list]:
+  """(train, dev) of the NLVR2 demo and its test: the first `images` images; train: captions 0-3,
+  each 8 times with new partners; dev: `dev_size` new pairs of the same sentences, half true, none
+  whose (sentence, image pair) is in train (so a memorised pair scores nothing)."""
+  entries = entries[:images]
+  train = caption_pairs(entries, range(4), seed=0, repeats=8)
+  seen = {(p["sentence"], frozenset(p["images"])) for p in train}
+  new = [p for p in caption_pairs(entries, range(4), seed=7, repeats=16)
+         if (p["sentence"], frozenset(p["images"])) not in seen]
+  half = dev_size // 2
+  dev = [p for p in new if p["label"] == "True"][:half] + [p for p in new if p["label"] == "False"][:half]
+  if len(dev) != 2 * half:
+    raise ValueError(f"{images} images give only {len(dev)} new balanced pairs; ask for fewer")
+  return train, dev
+
+
+def retrieval_demo_annotations(entries: list, images: int = 32) -> tuple[list, list]:
+  """(train, held) for the retrieval run the NLVR2 demo starts from: the first `images` images,
+  captions 0-3 to train on (one entry each, with its image id), the 5th held out for val."""
+  entries = entries[:images]
+  train = [{"image": e["image"], "caption": c, "image_id": f"coco_{e['image_id']}"} for e in entries
+           for c in e["caption"][:4]]
+  return train, [{"image": e["image"], "caption": [e["caption"][4]]} for e in entries]
+
+
 def main(argv=None):
-  """python -m blip_jax.tasks.nlvr --out DIR: the demo's pairs from COCO-mini (train: captions 0-3
-  of the val half's first 64 images; dev: their 5th caption, new partners)."""
+  """python -m blip_jax.tasks.nlvr --out DIR: the demo's files from COCO-mini: train.json and
+  dev.json (see demo_pairs), retrieval_train.json and retrieval_held.json for the retrieval run it
+  starts from (see retrieval_demo_annotations)."""
   import argparse
   import json
   p = argparse.ArgumentParser(description=main.__doc__)
   p.add_argument("--coco", default="../shared/data/coco_karpathy_mini/captions_karpathy_val.json")
-  p.add_argument("--images", type=int, default=64)
+  p.add_argument("--images", type=int, default=16)
   p.add_argument("--out", required=True)
   a = p.parse_args(argv)
   from blip_jax import fs
-  entries = json.loads(fs.read_text(a.coco))[:a.images]
+  train, dev = demo_pairs(json.loads(fs.read_text(a.coco)), a.images)
   fs.makedirs(a.out)
-  fs.write_json(fs.join(a.out, "train.json"), caption_pairs(entries, range(4), seed=0))
-  fs.write_json(fs.join(a.out, "dev.json"), caption_pairs(entries, [4], seed=1))
-  print(f"wrote {a.out}/train.json ({8 * len(entries)} pairs), dev.json ({2 * len(entries)} pairs)")
+  fs.write_json(fs.join(a.out, "train.json"), train)
+  fs.write_json(fs.join(a.out, "dev.json"), dev)
+  r_train, r_held = retrieval_demo_annotations(json.loads(fs.read_text(a.coco)))
+  fs.write_json(fs.join(a.out, "retrieval_train.json"), r_train)
+  fs.write_json(fs.join(a.out, "retrieval_held.json"), r_held)
+  print(f"wrote {a.out}/train.json ({len(train)} pairs), dev.json ({len(dev)} pairs), retrieval_train.json, "
+        "retrieval_held.json")
 
 
 if __name__ == "__main__":
