@@ -267,3 +267,36 @@ def test_vqa_and_nlvr_sources(tmp_path, tok):
   (tmp_path / "nlvr.json").write_text(json.dumps(nlvr))
   b = next(D.InputPipeline(D.JsonSource(str(tmp_path / "nlvr.json"), COCO), tok, dict(batch_size=4, image_size=32)))
   assert b["image2"].shape == (4, 32, 32, 3) and sorted(b["label"].tolist()) == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("k", [3, 6, 8])
+def test_train_transform_applies_exif_orientation(k):
+  """Bug: EXIF orientation ignored on the training path (only the eval path was checked). The
+  whole-image crop (scale 1, a square photo), no flip, no RandAugment: a rotated file gives the
+  upright photo's pixels, and far from what an unrotated reading would give."""
+  import tensorflow as tf
+  seed = tf.constant([3, 4], tf.int64)
+  read = lambda f: T.decode_train(tf.constant(open(os.path.join(ODD, f), "rb").read()), seed, 64, (1.0, 1.0),
+                                  False, False).numpy().astype(np.float32)
+  ref, got = read("hopper.jpg"), read(f"hopper_orientation_{k}.jpg")
+  assert np.abs(got - ref).mean() < 8  # JPEG noise only
+  raw = np.asarray(Image.open(os.path.join(ODD, f"hopper_orientation_{k}.jpg")).convert("RGB").resize((64, 64), Image.BICUBIC))
+  assert np.abs(raw.astype(np.float32) - ref).mean() > 20  # the stored pixels, unrotated, are far off
+
+
+def test_dropped_remainder_is_not_counted_as_skipped(tmp_path, tok):
+  """Bug: an epoch's partial last batch counted as bad data. 10 good examples, batches of 4: two
+  batches an epoch, the remaining 2 dropped (as the official drop_last), and nothing skipped over
+  three epochs; one bad example among them: exactly one skipped per epoch."""
+  imgs = sorted(os.listdir(os.path.join(COCO, "images")))[:10]
+  entries = [{"image": f"images/{f}", "caption": f"a photo number {i}"} for i, f in enumerate(imgs)]
+  (tmp_path / "good.json").write_text(json.dumps(entries))
+  p = D.InputPipeline(D.JsonSource(str(tmp_path / "good.json"), COCO), tok, dict(batch_size=4, image_size=32))
+  got = collect(p, 7)  # epochs 0-2 and the first batch of epoch 3
+  assert p.epoch == 3 and p.skipped == 0, (p.epoch, p.skipped)
+  assert all(len(set(b["index"])) == 4 for b in got)
+  entries[4]["caption"] = " ... "  # empty after pre_caption
+  (tmp_path / "one_bad.json").write_text(json.dumps(entries))
+  p = D.InputPipeline(D.JsonSource(str(tmp_path / "one_bad.json"), COCO), tok, dict(batch_size=4, image_size=32))
+  collect(p, 7)
+  assert p.epoch == 3 and 3 <= p.skipped <= 4, p.skipped  # one per finished epoch (+1 if epoch 3's batch passed it)

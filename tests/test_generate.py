@@ -211,3 +211,19 @@ def test_the_two_normalisations_pick_different_captions():
   """Guards the test above against a rule that coincides with current transformers' on its cases."""
   assert DIFFERS, "run with test_official_beam_search_equals_a_plain_415_loop"
   assert any(any(v) for v in DIFFERS.values()), DIFFERS
+
+
+def test_repetition_penalty_and_min_length_on_scores():
+  """transformers' RepetitionPenaltyLogitsProcessor on scores of tokens already generated: a
+  positive score divided by the penalty, a negative one multiplied (a sign error would reward a
+  repeat); unseen tokens untouched. MinLength: [SEP] impossible before min_length, free from it."""
+  import jax.numpy as jnp
+  from blip_jax.models.generate import _penalize
+  scores = jnp.array([[2.0, -2.0, 1.0, -1.0, 0.5, 3.0]])
+  seen = jnp.array([[True, True, False, False, True, False]])
+  got = np.asarray(_penalize(scores, seen, 3, sep_id=5, min_length=0, repetition_penalty=2.0))
+  np.testing.assert_array_equal(got, [[1.0, -4.0, 1.0, -1.0, 0.25, 3.0]])
+  short = np.asarray(_penalize(scores, seen, 3, sep_id=5, min_length=4, repetition_penalty=1.0))
+  np.testing.assert_array_equal(short, [[2.0, -2.0, 1.0, -1.0, 0.5, -np.inf]])
+  np.testing.assert_array_equal(np.asarray(_penalize(scores, seen, 4, sep_id=5, min_length=4, repetition_penalty=1.0)),
+                                np.asarray(scores))

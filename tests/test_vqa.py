@@ -10,6 +10,7 @@ question runs alone and unpadded (transformers 5.24 drops the decoder's question
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -137,3 +138,36 @@ def test_vqa_accuracy_by_hand():
   assert r["questions"] == 3 and r["overall"] == pytest.approx(100 * (1 + 9 / 30 + 0) / 3)
   assert r["perAnswerType"] == pytest.approx({"number": 100 * (1 + 9 / 30) / 2, "yes/no": 0.0})
   assert r["exact_match"] == 100.0 and r["exact_match_questions"] == 1  # 'Dog.' -> 'dog'
+
+
+def test_question_padding_is_masked_in_every_answer_path(vqa):
+  """Bug: the answer decoder's question (memory) mask dropped in one path. Each question's padded
+  positions are filled with large noise: rank (both steps), greedy and beam answers and the
+  training logits stay the same; with the mask all ones the same noise changes them (so the test
+  would see a path that ignores the mask)."""
+  from blip_jax.models import answer as A
+  from blip_jax.models.blip import Blip
+  _, ours, qs, answers = vqa
+  cfg, params = ours.config, ours.params
+  embeds = ours.encode_image(ours.preprocess([os.path.join(COCO, e["image"]) for e in qs]))
+  q_ids, q_mask = ours.tokenizer([pre_question(e["question"]) for e in qs], max_length=35)
+  assert (q_mask == 0).any(axis=1).all()  # every question has padding
+  states = np.asarray(A.question_states(cfg, params, embeds, np.arange(len(qs)), q_ids, q_mask))
+  noisy = np.where(q_mask[..., None] == 1, states, 10 * np.random.RandomState(0).normal(size=states.shape))
+  noisy = noisy.astype(np.float32)
+  cands = A.tokenize_candidates(ours.tokenizer, answers, SEP)
+  a_ids, a_mask = ours.tokenizer(["red and white"] * len(qs), max_length=8)
+
+  def paths(mask):
+    def run(s):
+      _, top, top_p, scores = A.rank(cfg, params, s, mask, cands, k=K)
+      logits = Blip(cfg).apply({"params": params}, s, mask, jnp.asarray(a_ids), a_mask, method=Blip.vqa_answer_logits)
+      return (top, top_p, scores, np.asarray(A.generate(cfg, params, s, mask, num_beams=1, max_length=8)),
+              np.asarray(A.generate(cfg, params, s, mask, num_beams=3, max_length=8)), np.asarray(logits))
+    return run(states), run(noisy)
+  clean, noise = paths(q_mask)
+  for name, a, b in zip(("rank top", "rank p", "rank scores", "greedy", "beam", "logits"), clean, noise):
+    np.testing.assert_allclose(a, b, atol=1e-4, err_msg=name)
+  unmasked = paths(np.ones_like(q_mask))
+  assert np.abs(unmasked[0][2] - unmasked[1][2]).max() > 1e-2  # rank scores
+  assert np.abs(unmasked[0][5] - unmasked[1][5]).max() > 1e-2  # training logits
