@@ -75,3 +75,16 @@ def retrieval_demo_run(tmp_path_factory):
   root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
   run = subprocess.run(cmd, cwd=root, env=one_device_env(), capture_output=True, text=True, timeout=900)
   return run, work, data
+
+
+def small_copies(names, out_dir, size: int = 128):
+  """COCO-mini photos (paths relative to COCO) as JPEGs of at most `size` px under out_dir, same
+  relative paths: a 64 px model's input pipeline would otherwise spend most of a step decoding
+  640 px JPEGs (two per NLVR2 pair). Returns out_dir."""
+  from PIL import Image
+  for name in names:
+    img = Image.open(os.path.join(COCO, name)).convert("RGB")
+    img.thumbnail((size, size), Image.BICUBIC)
+    os.makedirs(os.path.join(out_dir, os.path.dirname(name)), exist_ok=True)
+    img.save(os.path.join(out_dir, name), quality=95)
+  return out_dir
