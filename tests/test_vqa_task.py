@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import COCO, ODD
+from conftest import COCO, ODD, small_copies
 
 TRAIN = 32  # the first questions of COCO-mini's VQA subset: the fine-tuning test's data
 
@@ -50,9 +50,12 @@ def finetuned(tmp_path_factory):
   from blip_jax.train.trainer import train
   d = tmp_path_factory.mktemp("vqaft")
   with open(os.path.join(COCO, "vqa_v2_subset.json")) as f:
-    (d / "train.json").write_text(json.dumps(json.load(f)[:TRAIN]))
+    questions = json.load(f)[:TRAIN]
+  (d / "train.json").write_text(json.dumps(questions))
   c = get_config("demo")
   c.data.source.annotations = (str(d / "train.json"),)
+  # 128 px copies of the photos for the 64 px model: decoding 640 px JPEGs would set the pace
+  c.data.source.image_root = c.eval.image_root = str(small_copies({q["image"] for q in questions}, d / "images"))
   c.eval.annotations.val = str(d / "train.json")
   c.eval.at_start = True
   work = str(d / "w")
