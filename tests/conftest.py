@@ -83,9 +83,7 @@ def small_copies(names, out_dir, size: int = 128):
   640 px JPEGs (two per NLVR2 pair). Returns out_dir."""
   from PIL import Image
   for name in names:
-    img = Image.open(os.path.join(COCO, name))
-    img.draft("RGB", (size, size))  # JPEG: decoded at a reduced DCT scale (>= size), fast
-    img = img.convert("RGB")
+    img = Image.open(os.path.join(COCO, name)).convert("RGB")
     img.thumbnail((size, size), Image.BICUBIC)
     os.makedirs(os.path.join(out_dir, os.path.dirname(name)), exist_ok=True)
     img.save(os.path.join(out_dir, name), quality=95)
