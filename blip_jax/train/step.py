@@ -46,15 +46,8 @@ class LossConfig:
 def momentum_view(params: dict) -> dict:
   """The online weights that the momentum towers track: the encoder side of the pretraining model
   (the encoder's self-attention set, no decoder self-attention and no LM head)."""
-  out = {k: params[k] for k in MOMENTUM_TOWERS}
-  te = dict(out["text_encoder"])
-  for k in list(te):
-    if k.startswith("lm_"):
-      del te[k]
-    elif k.startswith("layer_"):
-      te[k] = {n: v for n, v in te[k].items() if n != "self_attn_dec"}
-  out["text_encoder"] = te
-  return out
+  from blip_jax.checkpoints.retarget import encoder_view
+  return {**{k: params[k] for k in MOMENTUM_TOWERS}, "text_encoder": encoder_view(params)}
 
 
 def split_ids(image_ids) -> np.ndarray:

@@ -554,8 +554,8 @@ def _initialise_from(c, mcfg, state, shardings):
   if init.blip:
     from blip_jax.api import load
     m = load(init.blip, kind=mcfg.kind, image_size=mcfg.vision.image_size)
+    fresh = params  # the freshly initialised model, for what the checkpoint does not hold
     params, extras = jax.tree.map(np.asarray, m.params), m.extras
-    fresh = jax.tree.map(np.asarray, jax.device_get(state["params"]))
     if m.config.kind != mcfg.kind:  # our or a transformers checkpoint of another kind
       try:
         params, extras = retarget(params, extras, m.config.kind, mcfg.kind, fresh, name=f"init.blip {init.blip}")
