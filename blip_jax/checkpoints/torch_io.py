@@ -1,13 +1,16 @@
 """Reading PyTorch-side weights: official `.pth` files and HF `save_pretrained` dirs.
 
-`.pth` files are pickles; they are read with torch's weights-only unpickler, which refuses any
-pickle that would import or call code (a crafted file raises CheckpointError, never runs).
+`.pth` and `pytorch_model.bin` files are torch.save pickles; they are read by checkpoints.pth, our
+own restricted unpickler (no torch needed), which refuses any pickle that would import or call code
+(a crafted file raises CheckpointError, never runs).
 """
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import struct
+import zipfile
 
 import numpy as np
 
@@ -17,27 +20,25 @@ class CheckpointError(ValueError):
 
 
 def _to_numpy(sd) -> dict[str, np.ndarray]:
-  import torch  # lazy: only .pth / .bin reading needs torch
-  out = {}
-  for k, v in sd.items():
-    if isinstance(v, torch.Tensor):
-      out[k] = v.detach().cpu().numpy()
-    elif isinstance(v, (int, float)):
-      out[k] = np.asarray(v)
-  return out
+  """Tensors (NumPy arrays from pth.load) and numeric scalars of a state dict; the rest is dropped."""
+  return {k: (v if isinstance(v, np.ndarray) else np.asarray(v)) for k, v in sd.items()
+          if isinstance(v, (np.ndarray, int, float)) and not isinstance(v, bool)}
 
 
 def read_pth(path: str) -> dict[str, np.ndarray]:
-  """Official BLIP checkpoint (torch.save dict with 'model') or a bare state dict, weights only."""
-  import torch
+  """Official BLIP checkpoint (torch.save dict with 'model') or a bare state dict, weights only.
+  Read by checkpoints.pth (no torch needed): a pickle naming anything but tensors is refused."""
+  from blip_jax.checkpoints import pth
   try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
+    obj = pth.load(path)
+  except pth.UnsafePickleError as e:
     raise CheckpointError(
         f"{path}: refused to unpickle: the file needs more than tensors to load (it could run "
-        f"code), so it is not read. Details: {str(e).splitlines()[0]}") from None
-  except Exception as e:  # noqa: BLE001 - torch raises several types for corrupt files
-    raise CheckpointError(f"{path}: not a readable torch checkpoint: {e}") from None
+        f"code), so it is not read. Details: {e}") from None
+  except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, struct.error, KeyError, ValueError,
+          TypeError, IndexError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
+                          f"{type(e).__name__}: {e}") from None
   if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
     obj = obj["model"]
   elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
