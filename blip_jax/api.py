@@ -24,6 +24,7 @@ import numpy as np
 
 from blip_jax import losses, preprocess as _pre
 from blip_jax.checkpoints import convert, native
+from blip_jax.checkpoints.torch_io import CheckpointError
 from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
 
@@ -270,7 +271,9 @@ def detect_format(path: str) -> str:
 def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = None,
          vision_eps: Optional[float] = None, vocab: Optional[str] = None, tokenizer: Any = None,
          strict: bool = True, dtype: Optional[str] = None, progress=None) -> BlipModel:
-  """Loads an official BLIP .pth, a transformers BLIP dir or our checkpoint dir.
+  """Loads an official BLIP .pth, a transformers BLIP dir or our checkpoint dir, or by name: an
+  official release ("model_base_capfilt_large", see `blip-jax checkpoints`), downloaded once into
+  the cache, or a transformers hub id ("Salesforce/blip-image-captioning-base").
 
   kind:       official files only: load as another model kind (a pretraining checkpoint into a
               caption/retrieval/vqa/nlvr model, as the official finetuning scripts do).
@@ -280,9 +283,16 @@ def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = N
   strict:     False allows missing / mis-shaped keys (those params are then absent).
   """
   from blip_jax import fs
+  from blip_jax.checkpoints import hub
   from blip_jax.tokenizers import BertTokenizer, load_tokenizer_dir
-  if fs.is_url(path) and not native.is_native_dir(path):  # ours reads URLs itself (Orbax)
+  named = hub.is_name(path)
+  if named:  # an official release name: downloaded once into the cache, with BERT's vocab
+    path, named_vocab = hub.fetch_official(path)
+    vocab = vocab or named_vocab
+  elif fs.is_url(path) and not native.is_native_dir(path):  # ours reads URLs itself (Orbax)
     path = fs.local_copy(path)
+  elif not os.path.exists(path) and hub.is_hf_id(path):  # Salesforce/blip-... via huggingface_hub
+    path = hub.fetch_hf(path)
   fmt = detect_format(path)
   extras = {}
   if fmt == "native":
@@ -292,9 +302,15 @@ def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = N
                                   progress=progress)
     tok = load_tokenizer_dir(path)
   else:
-    cfg, params, extras = convert.load_official(
-        path, kind, image_size=image_size, strict=strict, progress=progress,
-        vision_eps=1e-6 if vision_eps is None else vision_eps)
+    official = functools.partial(convert.load_official, kind=kind, image_size=image_size, strict=strict,
+                                 progress=progress, vision_eps=1e-6 if vision_eps is None else vision_eps)
+    try:
+      cfg, params, extras = official(path)
+    except CheckpointError:
+      if not named:
+        raise
+      hub.forget(path)  # a cached file damaged since its download: fetched again, never loaded
+      cfg, params, extras = official(hub.fetch(hub.official_url(hub.RELEASES[os.path.basename(path)[:-4]]), path))
     tok = None
   if dtype:
     cfg = cfg.replace(dtype=dtype)

