@@ -117,7 +117,7 @@ class TFRecordInput:
   def read(self, shard: int):
     """Records of one file. A record that does not parse (no `jpg`) and a file corrupt from some
     record on are counted as undecodable, with a message, and the rest goes on (as for JSON)."""
-    import tensorflow as tf
+    from blip_jax.data import tf  # muted import, TF threads set
     from blip_jax.data.sources import TFRecordSource
     out, name = [], self.files[shard]
     it = iter(tf.data.TFRecordDataset(name))
@@ -148,7 +148,7 @@ class TFRecordInput:
     return f"record key {item['key'].decode('utf-8', 'replace')!r}"
 
   def write(self, path: str, pairs):
-    import tensorflow as tf
+    from blip_jax.data import tf  # muted import, TF threads set
     feature = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
     with tf.io.TFRecordWriter(path) as w:
       for item, text, kind, score in pairs:

@@ -1,5 +1,6 @@
 """`blip-jax` command line: convert, score, caption, vqa, capfilt, eval (retrieval, caption, vqa, nlvr),
-train-tokenizer, make-shards, train, compile."""
+train-tokenizer, make-shards, train, compile, checkpoints, demo. User errors exit 2 with one line
+on stderr; library start-up logs are muted unless --verbose."""
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,9 @@ def cmd_score(a):
   import blip_jax
   model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
   if model.tokenizer is None:
-    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+    _fail("the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
   if not model.config.has_itc:
-    sys.exit(f"error: a {model.config.kind} model has no ITM/ITC heads; use a retrieval or pretraining checkpoint")
+    _fail(f"a {model.config.kind} model has no ITM/ITC heads; use a retrieval or pretraining checkpoint")
   texts = [blip_jax.pre_caption(t, 30) for t in a.text]
   ids, mask = model.tokenize(texts, max_length=35)
   for image in a.image:
@@ -77,9 +78,9 @@ def cmd_score(a):
 def generation_kwargs(a) -> dict:
   """The decoding flags shared by `caption` and `capfilt`."""
   if a.beams > 1 and a.top_p is not None:
-    sys.exit("error: choose --beams N or --top-p P, not both")
+    _fail("choose --beams N or --top-p P, not both")
   if a.num_captions > 1 and a.beams == 1 and a.top_p is None:
-    sys.exit("error: --num-captions > 1 needs --beams or --top-p")
+    _fail("--num-captions > 1 needs --beams or --top-p")
   return dict(max_length=a.max_length, min_length=a.min_length, num_beams=a.beams, top_p=a.top_p,
               top_k=a.top_k, temperature=a.temperature, repetition_penalty=a.repetition_penalty,
               length_penalty=a.length_penalty, num_captions=a.num_captions,
@@ -115,9 +116,9 @@ def cmd_caption(a):
     fs.check_output(a.output, a.overwrite, "--output")
   model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
   if model.tokenizer is None:
-    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+    _fail("the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
   if model.config.kind not in ("caption", "pretrain"):
-    sys.exit(f"error: a {model.config.kind} model has no caption decoder; use a caption or pretraining checkpoint")
+    _fail(f"a {model.config.kind} model has no caption decoder; use a caption or pretraining checkpoint")
   if a.output:
     tmp_output = fs.temp_sibling(a.output)
   out = fs.path(tmp_output).open("w") if a.output else sys.stdout
@@ -145,16 +146,16 @@ def cmd_caption(a):
     fs.publish(tmp_output, a.output)
   print(f"captioned {done} images, skipped {failed} that could not be decoded", file=sys.stderr)
   if not done:
-    sys.exit("error: no image could be decoded")
+    _fail("no image could be decoded")
 
 
 def cmd_capfilt(a):
   import blip_jax
   from blip_jax import capfilt
   if bool(a.annotations) == bool(a.tfrecords):
-    sys.exit("error: give the source as --annotations FILE... (BLIP JSON) or --tfrecords GLOB... (shards)")
+    _fail("give the source as --annotations FILE... (BLIP JSON) or --tfrecords GLOB... (shards)")
   if a.threshold < 0:
-    sys.exit("error: --threshold must be >= 0")
+    _fail("--threshold must be >= 0")
   if a.beams > 1:
     a.top_p = None  # beam search replaces the default nucleus sampling
   generation_kwargs(a)  # flag conflicts
@@ -180,7 +181,7 @@ def cmd_capfilt(a):
 def cmd_eval_retrieval(a):
   from blip_jax.tasks import retrieval as R
   if bool(a.videos) and a.image_root:
-    sys.exit("error: give --image-root (images) or --videos (videos), not both")
+    _fail("give --image-root (images) or --videos (videos), not both")
   from blip_jax import fs
   fs.check_output(a.out, a.overwrite, "--out")
   gallery = R.read_gallery(a.annotations, a.videos or a.image_root, video=bool(a.videos))
@@ -215,9 +216,9 @@ def cmd_eval_caption(a):
   import blip_jax
   model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
   if model.tokenizer is None:
-    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+    _fail("the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
   if model.config.kind not in ("caption", "pretrain"):
-    sys.exit(f"error: a {model.config.kind} model has no caption decoder; use a caption or pretraining checkpoint")
+    _fail(f"a {model.config.kind} model has no caption decoder; use a caption or pretraining checkpoint")
   decoding = dict(num_beams=a.beams, max_length=a.max_length, min_length=a.min_length,
                   repetition_penalty=a.repetition_penalty, length_penalty=a.length_penalty,
                   length_normalization=a.length_normalization)
@@ -243,10 +244,10 @@ def load_vqa(a):
   official = not fs.is_url(a.model) and detect_format(a.model) == "official"
   model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size, kind="vqa" if official else None)
   if model.config.kind != "vqa":
-    sys.exit(f"error: {a.model} is a {model.config.kind} model; VQA needs a VQA checkpoint (or an official "
+    _fail(f"{a.model} is a {model.config.kind} model; VQA needs a VQA checkpoint (or an official "
              "pretraining .pth)")
   if model.tokenizer is None:
-    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+    _fail("the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
   return model
 
 
@@ -257,7 +258,7 @@ def cmd_vqa(a):
   candidates = V.read_answer_list(a.answers) if a.answers else None
   images = a.image * len(a.question) if len(a.image) == 1 else a.image
   if len(images) != len(a.question):
-    sys.exit(f"error: {len(a.image)} --image for {len(a.question)} --question: give one image, or one per question")
+    _fail(f"{len(a.image)} --image for {len(a.question)} --question: give one image, or one per question")
   questions = [V.Question(i, pre_question(q), image, None) for i, (image, q) in enumerate(zip(images, a.question))]
   asked = [q for q in questions if q.question.strip()]
   generate = {} if candidates is not None else dict(num_beams=a.beams, max_length=a.max_length,
@@ -334,10 +335,10 @@ def cmd_eval_nlvr(a):
   import blip_jax
   model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size)
   if model.config.kind != "nlvr":
-    sys.exit(f"error: {a.model} is a {model.config.kind} model; NLVR2 needs an NLVR2 checkpoint "
+    _fail(f"{a.model} is a {model.config.kind} model; NLVR2 needs an NLVR2 checkpoint "
              "(model_base_nlvr.pth, or fine-tune one: configs/nlvr.py)")
   if model.tokenizer is None:
-    sys.exit("error: the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
+    _fail("the checkpoint has no tokenizer; pass --vocab path/to/vocab.txt")
   result = N.evaluate_nlvr(model, pairs, skipped=skipped, batch_size=a.batch_size, progress=not a.quiet)
   import jax
   if jax.process_index() == 0:
@@ -348,9 +349,84 @@ def cmd_eval_nlvr(a):
     print(f"wrote {a.out}/predictions.json, metrics.json", file=sys.stderr)
 
 
+# One example per subcommand, shown at the end of its --help.
+EXAMPLES = {
+    "train": "blip-jax train --config=configs/retrieval.py:coco --workdir=/tmp/ret --config.batch_size=32",
+    "compile": "blip-jax compile --config=configs/pretrain.py:vit_b --topology=v5e-256 --libtpu ~/libtpu",
+    "convert": "blip-jax convert model_base_retrieval_coco ckpt/retrieval_coco",
+    "score": 'blip-jax score --model model_base_retrieval_coco --image dog.jpg --text "a dog on the grass"',
+    "caption": "blip-jax caption --model model_base_caption_capfilt_large --beams 3 photos/",
+    "vqa": 'blip-jax vqa --model model_base_vqa_capfilt_large --image dog.jpg --question "what is the dog doing?"',
+    "capfilt": "blip-jax capfilt --captioner model_base_caption_capfilt_large --filter model_base_retrieval_coco "
+               "--annotations web.json --image-root images/ --out bootstrapped/",
+    "checkpoints": "blip-jax checkpoints --task caption",
+    "demo": "blip-jax demo --caption model_base_caption_capfilt_large --retrieval model_base_retrieval_coco "
+            "--images photos/",
+    "eval retrieval": "blip-jax eval retrieval --model model_base_retrieval_coco --annotations coco_karpathy_test.json "
+                      "--image-root coco/ --out /tmp/ret_eval",
+    "eval caption": "blip-jax eval caption --model model_base_caption_capfilt_large --annotations "
+                    "coco_karpathy_test.json --image-root coco/ --out /tmp/cap_eval",
+    "eval vqa": "blip-jax eval vqa --model model_base_vqa_capfilt_large --annotations vqa_test.json "
+                "--image-root coco/ --out /tmp/vqa_eval",
+    "eval nlvr": "blip-jax eval nlvr --model model_base_nlvr --annotations nlvr_dev.json --image-root nlvr2/ "
+                 "--out /tmp/nlvr_eval",
+    "train-tokenizer": "blip-jax train-tokenizer --input captions.txt --out spm --vocab-size 8000",
+    "make-shards": "blip-jax make-shards --annotations coco_karpathy_train.json --image-root coco/ --out shards/",
+}
+MODEL_HELP = ("an official release name (blip-jax checkpoints), a Salesforce/blip-... hub id, an official .pth, "
+              "a transformers dir or our checkpoint dir")
+
+
+def _add_examples(parser, prefix=""):
+  """Each subcommand's --help ends with its example (EXAMPLES)."""
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for name, sp in action.choices.items():
+        key = f"{prefix}{name}"
+        if key in EXAMPLES:
+          sp.epilog = f"example:\n  {EXAMPLES[key]}"
+          sp.formatter_class = argparse.RawDescriptionHelpFormatter
+        _add_examples(sp, prefix=f"{key} ")
+
+
+def cmd_checkpoints(a):
+  import json
+  from blip_jax.checkpoints import hub
+  if a.fetch:
+    if hub.is_name(a.fetch):
+      path, _ = hub.fetch_official(a.fetch)
+    elif hub.is_hf_id(a.fetch):
+      path = hub.fetch_hf(a.fetch)
+    else:
+      raise ValueError(f"unknown checkpoint name {a.fetch!r}; `blip-jax checkpoints` lists them")
+    print(path)
+    return
+  rows = [r for r in hub.listing() if not a.task or r["task"] == a.task]
+  if a.json:
+    for r in rows:
+      print(json.dumps(r))
+    return
+  print(f"{'name':40s} {'task':9s} {'ViT':5s} {'image':>5s} {'params':>7s}  {'cached':6s} about")
+  for r in rows:
+    params = f"{r['params_m']}M" if r["params_m"] else "-"
+    print(f"{r['name']:40s} {r['task']:9s} {r['vit']:5s} {r['image_size']:5d} {params:>7s}  "
+          f"{'yes' if r['cached'] else 'no':6s} {r['about']}")
+  print(f"\nofficial files are cached in {hub.cache_dir()} ($BLIP_JAX_CACHE); hub ids in huggingface_hub's cache. "
+        f"Use a name wherever a command takes --model.")
+
+
+def cmd_demo(a):
+  from blip_jax import demo
+  demo.serve(caption=a.caption, retrieval=a.retrieval, vqa=a.vqa, images=a.images, host=a.host, port=a.port,
+             vocab=a.vocab)
+
+
 def build_parser():
   from blip_jax.models.config import KINDS
-  p = argparse.ArgumentParser(prog="blip-jax", description="BLIP in JAX/Flax")
+  p = argparse.ArgumentParser(prog="blip-jax", description="BLIP in JAX/Flax. Add --verbose to any command for "
+                              "TensorFlow's and JAX's own start-up messages.",
+                              epilog="example:\n  " + EXAMPLES["caption"], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--verbose", action="store_true", help="show library start-up logs (TensorFlow, absl)")
   sub = p.add_subparsers(dest="cmd", required=True)
   sub.add_parser("train", help="train a task: --config=configs/<task>.py:VARIANT --workdir=DIR [--config.k=v]")
   sub.add_parser("compile", help="memory/FLOPs of a config's train step on a TPU topology, compiled here: "
@@ -502,6 +578,28 @@ def build_parser():
   m.add_argument("--per-shard", type=int, default=1000)
   m.add_argument("--workers", type=int, default=os.cpu_count() or 2)
   m.set_defaults(fn=cmd_make_shards)
+
+  ck = sub.add_parser("checkpoints", help="the official checkpoints by name: task, size, image size, cached or not")
+  ck.add_argument("--task", choices=("pretrain", "retrieval", "caption", "vqa", "nlvr"), help="only this task's")
+  ck.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+  ck.add_argument("--fetch", metavar="NAME", help="download NAME into the cache now (resumable) and print its path")
+  ck.set_defaults(fn=cmd_checkpoints)
+
+  dm = sub.add_parser("demo", help="a local web page: drop a photo, get captions, ITM/ITC scores, answers, search")
+  dm.add_argument("--caption", required=True, metavar="MODEL", help="caption (or pretraining) model: " + MODEL_HELP)
+  dm.add_argument("--retrieval", metavar="MODEL", help="ITM/ITC model for scores and search (default: --caption's "
+                  "when it is a pretraining model)")
+  dm.add_argument("--vqa", metavar="MODEL", help="VQA model for answers")
+  dm.add_argument("--images", help="a folder to search by text (features computed once, cached in it)")
+  dm.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+  dm.add_argument("--port", type=int, default=7860)
+  dm.add_argument("--vocab", help="bert-base-uncased vocab.txt, when a checkpoint has no tokenizer")
+  dm.set_defaults(fn=cmd_demo)
+  for sp in (s, cp, vq, cf, er, ec, ev_vqa, en):  # every --model-like flag takes names too
+    for action in sp._actions:
+      if action.dest in ("model", "captioner", "filter") and action.help and "name" not in action.help:
+        action.help = action.help + " (or an official release name / Salesforce/... hub id)"
+  _add_examples(p)
   return p
 
 
@@ -571,20 +669,50 @@ def compile_main(argv):
     fs.write_json(fl.json, report, indent=2)
 
 
+_CONFIG_USAGE = {
+    "train": ("train a task from a config file", "--config=configs/<task>.py:VARIANT --workdir=DIR [--config.key=value ...]",
+              "--workdir: checkpoints, TensorBoard logs and metrics.jsonl (local or gs://); rerun to resume"),
+    "compile": ("per-device memory and FLOPs of a config's train step on a TPU topology, compiled on this machine",
+                "--config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR] [--json FILE]",
+                "--topology: a TPU slice (v4-64, v5e-256, ...); --libtpu: folder of `pip install --target DIR libtpu`"),
+}
+
+
+def _config_help(cmd: str) -> None:
+  what, usage, flags = _CONFIG_USAGE[cmd]
+  print(f"usage: blip-jax {cmd} {usage}\n\n{what}.\n\n  --config=FILE:VARIANT  an ml_collections config "
+        f"file and its variant; --config.key=value overrides any field (a wrong key stops before any compute)\n"
+        f"  {flags}\n\nexample:\n  {EXAMPLES[cmd]}")
+
+
 def main(argv=None):
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  argv = sys.argv[1:] if argv is None else argv
-  if argv and argv[0] == "train":
-    return train_main(argv[1:])
-  if argv and argv[0] == "compile":
-    return compile_main(argv[1:])
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if "--verbose" in argv:
+    argv.remove("--verbose")
+    os.environ["BLIP_JAX_VERBOSE"] = "1"
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+  else:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  if argv and argv[0] in _CONFIG_USAGE:
+    if any(x in ("-h", "--help", "--helpfull") for x in argv[1:]):
+      _config_help(argv[0])
+      return
+    return (train_main if argv[0] == "train" else compile_main)(argv[1:])
   args = build_parser().parse_args(argv)
   if getattr(args, "nocaps", False) and args.repetition_penalty == 1.0:
     args.repetition_penalty = 1.1  # official eval_nocaps
+  from blip_jax.checkpoints.hub import DownloadError
   try:
     args.fn(args)
+  except DownloadError as e:  # the network, not the user: exit 1, the message without a traceback
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError, ImageDecodeError, bad configs
     _fail(e)
+  except KeyboardInterrupt:
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -65,5 +65,6 @@ def test_caption_command(setup, vocab_path, capsys):
         "--max-length", "12", "--quiet", str(d / "other.jpg")])
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 2 and all(line.startswith(str(d / "other.jpg") + "\t") for line in lines)
-  with pytest.raises(SystemExit, match="not both"):
+  with pytest.raises(SystemExit) as e:  # a usage error: exit 2, one line on stderr
     main(["caption", "--model", str(d / "model"), "--beams", "3", "--top-p", "0.9", str(d / "other.jpg")])
+  assert e.value.code == 2 and "not both" in capsys.readouterr().err

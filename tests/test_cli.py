@@ -71,7 +71,69 @@ def test_errors_are_one_line(tmp_path):
   env.pop("XLA_FLAGS", None)
   out = subprocess.run([BIN, "convert", str(tmp_path / "missing.pth"), str(tmp_path / "x")],
                        capture_output=True, text=True, env=env, timeout=120)
-  assert out.returncode != 0 and "error:" in out.stderr and "Traceback" not in out.stderr
+  assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["caption", "--model", "m", "--beams", "3", "--top-p", "0.9", "x.jpg"], "not both"),    # our check
+    (["caption", "x.jpg"], "the following arguments are required: --model"),                # argparse's
+    (["score", "--model", "/nonexistent/model", "--image", "x.jpg", "--text", "t"], "/nonexistent/model"),
+    (["train", "--config=configs/pretrain.py:tiny", "--workdir=/tmp/never", "--config.no_such_key=1"], "no_such_key"),
+    (["train", "--config=configs/pretrain.py:tiny"], "usage: blip-jax train"),
+    (["eval", "retrieval", "--model", "m", "--annotations", "a.json", "--out", "o", "--image-root", "r",
+      "--videos", "v"], "not both"),
+])
+def test_user_errors_exit_2(argv, message, capsys):
+  from blip_jax.cli import main
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and message in err and "Traceback" not in err
+
+
+def _subcommands(parser, prefix=()):
+  import argparse
+  for action in parser._actions:
+    if isinstance(action, argparse._SubParsersAction):
+      for name, sp in action.choices.items():
+        nested = list(_subcommands(sp, prefix + (name,)))
+        yield from nested or [(prefix + (name,), sp)]
+
+
+def test_every_subcommand_help_shows_an_example(capsys):
+  from blip_jax.cli import build_parser, main
+  commands = [cmd for cmd, _ in _subcommands(build_parser())]
+  assert ("eval", "nlvr") in commands and ("demo",) in commands and ("checkpoints",) in commands
+  for cmd in [c for c in commands if c[0] not in ("train", "compile")]:
+    with pytest.raises(SystemExit) as e:
+      main([*cmd, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0, cmd
+    assert f"example:\n  blip-jax {' '.join(cmd)} " in out, (cmd, out[-300:])
+  for cmd in ("train", "compile"):  # absl-flag commands: the same shape of help
+    main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: blip-jax {cmd} ") and f"example:\n  blip-jax {cmd} " in out
+
+
+def test_no_library_banners_unless_verbose(tmp_path, coco):
+  """make-shards imports TensorFlow (its oneDNN banner goes through absl's C++ log, which
+  TF_CPP_MIN_LOG_LEVEL does not reach): quiet by default; --verbose shows it, so the check is real."""
+  import json
+  ann = [{"image": os.path.relpath(p, os.path.dirname(coco[0][0])), "caption": c[0]} for p, c in coco[:2]]
+  (tmp_path / "a.json").write_text(json.dumps(ann))
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")}
+  outs = {}
+  for flag in ([], ["--verbose"]):
+    cmd = [BIN, *flag, "make-shards", "--annotations", str(tmp_path / "a.json"), "--image-root",
+           os.path.dirname(coco[0][0]), "--out", str(tmp_path / f"s{len(flag)}"), "--per-shard", "2", "--workers", "1"]
+    outs[bool(flag)] = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert outs[bool(flag)].returncode == 0, outs[bool(flag)].stderr[-2000:]
+    assert "wrote 2 examples in 1 shards" in outs[bool(flag)].stdout
+  import re
+  lines = [ln for ln in re.split(r"[\r\n]+", outs[False].stderr) if ln.strip()]
+  assert all(ln.startswith("shards:") for ln in lines), outs[False].stderr  # our progress bar only
+  assert "oneDNN" in outs[True].stderr
 
 
 def test_train_tokenizer(tmp_path, coco):

@@ -4,7 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+from blip_jax.quiet import quiet_import  # noqa: E402
+
+tf = quiet_import("tensorflow")  # its banners muted unless BLIP_JAX_VERBOSE=1
 
 tf.config.set_visible_devices([], "GPU")  # TF must never take accelerator memory from JAX
 try:

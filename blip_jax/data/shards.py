@@ -15,12 +15,12 @@ SETTINGS = "make_shards.json"
 
 
 def _bytes_feature(values):
-  import tensorflow as tf
+  from blip_jax.data import tf  # muted import, TF threads set
   return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
 
 
 def _write_shard(args):
-  import tensorflow as tf
+  from blip_jax.data import tf  # muted import, TF threads set
   out_dir, index, start, entries, image_root = args
   final = fs.join(out_dir, SHARD_NAME.format(index))
   if fs.exists(final):
