@@ -22,6 +22,12 @@ def cmd_convert(a):
   from blip_jax.api import BlipModel, detect_format
   from blip_jax.tokenizers import BertTokenizer, SentencePieceTokenizer, load_tokenizer_dir
 
+  from blip_jax.checkpoints import hub
+  if hub.is_name(a.src):  # an official name: the cached download, with bert-base-uncased's vocab
+    a.src, named_vocab = hub.fetch_official(a.src)
+    a.vocab = a.vocab or (None if a.spm else named_vocab)
+  elif not os.path.exists(a.src) and hub.is_hf_id(a.src):
+    a.src = hub.fetch_hf(a.src)
   fmt = detect_format(a.src)
   if fmt == "native":
     model = blip_jax.load(a.src)
@@ -432,8 +438,8 @@ def build_parser():
   sub.add_parser("compile", help="memory/FLOPs of a config's train step on a TPU topology, compiled here: "
                  "--config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR]")
 
-  c = sub.add_parser("convert", help="official .pth | HF dir | ours -> ours (Orbax) or an HF dir")
-  c.add_argument("src")
+  c = sub.add_parser("convert", help="official .pth | HF dir | ours | a name -> ours (Orbax) or an HF dir")
+  c.add_argument("src", help=MODEL_HELP)
   c.add_argument("dst")
   c.add_argument("--to", choices=("native", "hf"), default="native")
   c.add_argument("--kind", choices=KINDS,

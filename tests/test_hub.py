@@ -186,6 +186,12 @@ def test_names_load_caption_and_refetch_a_damaged_cache(server, caption_pth, voc
   photo = os.path.join(COCO, "images", "COCO_val2014_000000006921.jpg")
   main(["caption", "--model", name, "--quiet", "--max-length", "8", photo])
   assert capsys.readouterr().out.startswith(photo + "\t")
+  main(["convert", name, str(tmp_path / "converted")])  # convert takes names too (vocab included)
+  assert "wrote" in capsys.readouterr().out
+  conv = blip_jax.load(str(tmp_path / "converted"))
+  assert conv.tokenizer.vocab_size == want.tokenizer.vocab_size
+  np.testing.assert_array_equal(*(np.concatenate([np.ravel(x) for x in jax_leaves(m.params)])
+                                  for m in (conv, want)))
   assert len(gets(server, f"/{name}.pth")) == 1  # fetched once, then read from the cache
   # damaged in the cache since: same size, one byte flipped -> fetched again, never loaded
   data = bytearray(open(cached, "rb").read())
@@ -216,10 +222,12 @@ def test_release_parameter_counts_are_the_models():
   loads into (our definition at its size and resolution)."""
   from blip_jax.models.config import make_config
   from blip_jax.models.init import param_shapes
+  counts = {}
   for r in hub.RELEASES.values():
-    shapes = param_shapes(make_config(r.task, r.vit, r.image_size))
-    n = sum(int(np.prod(s)) for s in shapes.values())
-    assert round(n / 1e6) == r.params_m, (r.name, n)
+    key = (r.task, r.vit, r.image_size)
+    if key not in counts:
+      counts[key] = sum(int(np.prod(s)) for s in param_shapes(make_config(*key)).values())
+    assert round(counts[key] / 1e6) == r.params_m, (r.name, counts[key])
 
 
 def test_unknown_name_and_unreachable_server_are_clear(tmp_path, monkeypatch, capsys):

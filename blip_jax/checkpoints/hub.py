@@ -69,11 +69,13 @@ RELEASES = {r.name: r for r in [
 
 # transformers hub ids of the same models (blip_facts §7.1), listed for discovery; any other
 # owner/name id is passed to huggingface_hub as it is.
-HF_IDS = {
-    "Salesforce/blip-image-captioning-base": "caption", "Salesforce/blip-image-captioning-large": "caption",
-    "Salesforce/blip-vqa-base": "vqa", "Salesforce/blip-vqa-capfilt-large": "vqa",
-    "Salesforce/blip-itm-base-coco": "retrieval", "Salesforce/blip-itm-large-coco": "retrieval",
-    "Salesforce/blip-itm-base-flickr": "retrieval", "Salesforce/blip-itm-large-flickr": "retrieval",
+HF_IDS = {  # id: (task, ViT)
+    "Salesforce/blip-image-captioning-base": ("caption", "base"),
+    "Salesforce/blip-image-captioning-large": ("caption", "large"),
+    "Salesforce/blip-vqa-base": ("vqa", "base"), "Salesforce/blip-vqa-capfilt-large": ("vqa", "base"),
+    "Salesforce/blip-itm-base-coco": ("retrieval", "base"), "Salesforce/blip-itm-large-coco": ("retrieval", "large"),
+    "Salesforce/blip-itm-base-flickr": ("retrieval", "base"),
+    "Salesforce/blip-itm-large-flickr": ("retrieval", "large"),
 }
 
 
@@ -283,8 +285,8 @@ def listing() -> list[dict]:
     rows.append({"name": r.name, "task": r.task, "vit": r.vit, "image_size": r.image_size,
                  "params_m": r.params_m, "weights_mb": r.params_m * 4, "about": r.about,
                  "cached": is_cached(path), "path": path})
-  for repo, task in HF_IDS.items():
-    rows.append({"name": repo, "task": task, "vit": "large" if "large" in repo else "base", "image_size": 384,
+  for repo, (task, vit) in HF_IDS.items():
+    rows.append({"name": repo, "task": task, "vit": vit, "image_size": 384,
                  "params_m": None, "weights_mb": None, "about": "transformers hub (huggingface_hub cache)",
                  "cached": _hf_cached(repo), "path": None})
   return rows
