@@ -62,14 +62,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self.send_header("x-goog-hash", "md5=" + base64.b64encode(hashlib.md5(data).digest()).decode())
     self.end_headers()
 
+  def _not_found(self):
+    self.send_response(404)
+    self.send_header("Content-Length", "0")
+    self.end_headers()
+
   def do_HEAD(self):
     path, data = self._lookup()
     self.server.log.append(("HEAD", path, None))
     if data is None:
-      self.send_response(404)
-      self.send_header("Content-Length", "0")
-      self.end_headers()
-      return
+      return self._not_found()
     self._headers(data, 200)
 
   def do_GET(self):
@@ -77,10 +79,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     rng = self.headers.get("Range")
     self.server.log.append(("GET", path, rng))
     if data is None:
-      self.send_response(404)
-      self.send_header("Content-Length", "0")
-      self.end_headers()
-      return
+      return self._not_found()
     start = int(rng.split("=")[1].split("-")[0]) if rng else 0
     self._headers(data, 206 if start else 200, start)
     body = data[start:]
