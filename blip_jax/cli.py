@@ -358,6 +358,7 @@ def cmd_eval_nlvr(a):
 # One example per subcommand, shown at the end of its --help.
 EXAMPLES = {
     "train": "blip-jax train --config=configs/retrieval.py:coco --workdir=/tmp/ret --config.batch_size=32",
+    "bootstrap": "blip-jax bootstrap --config=configs/bootstrap.py:demo --workdir=/tmp/bootstrap",
     "compile": "blip-jax compile --config=configs/pretrain.py:vit_b --topology=v5e-256 --libtpu ~/libtpu",
     "convert": "blip-jax convert model_base_retrieval_coco ckpt/retrieval_coco",
     "score": 'blip-jax score --model model_base_retrieval_coco --image dog.jpg --text "a dog on the grass"',
@@ -435,6 +436,8 @@ def build_parser():
   p.add_argument("--verbose", action="store_true", help="show library start-up logs (TensorFlow, absl)")
   sub = p.add_subparsers(dest="cmd", required=True)
   sub.add_parser("train", help="train a task: --config=configs/<task>.py:VARIANT --workdir=DIR [--config.k=v]")
+  sub.add_parser("bootstrap", help="the paper's pipeline (pretrain, captioner + filter, CapFilt, pretrain again, "
+                 "evaluate both): --config=configs/bootstrap.py:VARIANT --workdir=DIR")
   sub.add_parser("compile", help="memory/FLOPs of a config's train step on a TPU topology, compiled here: "
                  "--config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR]")
 
@@ -646,6 +649,21 @@ def train_main(argv):
     _fail(e)
 
 
+def bootstrap_main(argv):
+  """`blip-jax bootstrap --config=configs/bootstrap.py:VARIANT --workdir=DIR [--config.key=value ...]`."""
+  fl = _config_flags("bootstrap", argv, {"workdir": "every stage's outputs; rerun the same command to resume"},
+                     ("workdir",), "blip-jax bootstrap --config=configs/bootstrap.py:VARIANT --workdir=DIR "
+                     "[--config.key=value ...]")
+  from blip_jax.train import launch
+  launch.maybe_initialize_distributed()
+  from blip_jax import bootstrap
+  from blip_jax.train.trainer import ConfigError
+  try:
+    bootstrap.run(fl.config, fl.workdir)
+  except (ConfigError, bootstrap.BootstrapError, FloatingPointError, ValueError, FileNotFoundError) as e:
+    _fail(e)
+
+
 def compile_main(argv):
   """`blip-jax compile --config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR] [--config.k=v]`:
   per-device memory and FLOPs of the sharded train step on a TPU topology, compiled here."""
@@ -678,6 +696,10 @@ def compile_main(argv):
 _CONFIG_USAGE = {
     "train": ("train a task from a config file", "--config=configs/<task>.py:VARIANT --workdir=DIR [--config.key=value ...]",
               "--workdir: checkpoints, TensorBoard logs and metrics.jsonl (local or gs://); rerun to resume"),
+    "bootstrap": ("the paper's loop: pretrain on noisy data, fine-tune a captioner and a filter, CapFilt the noisy "
+                  "part, pretrain again on clean + bootstrapped data, evaluate both; resumable stage by stage",
+                  "--config=configs/bootstrap.py:VARIANT --workdir=DIR [--config.key=value ...]",
+                  "--workdir: each stage's outputs, summary.json and summary.png; rerun to resume"),
     "compile": ("per-device memory and FLOPs of a config's train step on a TPU topology, compiled on this machine",
                 "--config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR] [--json FILE]",
                 "--topology: a TPU slice (v4-64, v5e-256, ...); --libtpu: folder of `pip install --target DIR libtpu`"),
@@ -705,7 +727,7 @@ def main(argv=None):
     if any(x in ("-h", "--help", "--helpfull") for x in argv[1:]):
       _config_help(argv[0])
       return
-    return (train_main if argv[0] == "train" else compile_main)(argv[1:])
+    return {"train": train_main, "compile": compile_main, "bootstrap": bootstrap_main}[argv[0]](argv[1:])
   args = build_parser().parse_args(argv)
   if getattr(args, "nocaps", False) and args.repetition_penalty == 1.0:
     args.repetition_penalty = 1.1  # official eval_nocaps

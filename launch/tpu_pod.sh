@@ -7,6 +7,7 @@
 # itself on TPU pods. Check the memory first, on any machine (README "Memory before launch"):
 #   blip-jax compile --config=configs/pretrain.py:vit_b --topology=v4-32 --libtpu=DIR [same overrides]
 # A preempted slice saves the same step on every worker; rerun this script to resume.
+# COMMAND=bootstrap runs `blip-jax bootstrap` (configs/bootstrap.py) instead of `blip-jax train`.
 set -euo pipefail
 NAME=${1:?tpu name}; ZONE=${2:?zone}; TYPE=${3:?accelerator type, e.g. v4-32}; CONFIG=${4:?config}; WORKDIR=${5:?workdir}
 shift 5
@@ -21,6 +22,9 @@ ssh_all "set -e; [ -d blip_jax ] || git clone $REPO blip_jax; cd blip_jax && git
   .venv/bin/pip install -q --no-deps -e . && .venv/bin/pip install -q 'jax[tpu]==0.10.2' \
   -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 ARGS=$(printf " %q" "$@")
-ssh_all "cd blip_jax && TF_CPP_MIN_LOG_LEVEL=2 nohup .venv/bin/blip-jax train --config=$CONFIG --workdir=$WORKDIR \
-  --config.model.dtype=bfloat16 $ARGS > train.log 2>&1 &"
+COMMAND=${COMMAND:-train}
+DTYPE=--config.model.dtype=bfloat16  # bootstrap: each stage's config has its own (--config.pretrain.model.dtype=...)
+[ "$COMMAND" = train ] || DTYPE=
+ssh_all "cd blip_jax && TF_CPP_MIN_LOG_LEVEL=2 nohup .venv/bin/blip-jax $COMMAND --config=$CONFIG --workdir=$WORKDIR \
+  $DTYPE $ARGS > train.log 2>&1 &"
 echo "started on all workers of $NAME; logs: train.log on each worker; TensorBoard: $WORKDIR/tb"

@@ -104,13 +104,13 @@ def test_every_subcommand_help_shows_an_example(capsys):
   from blip_jax.cli import build_parser, main
   commands = [cmd for cmd, _ in _subcommands(build_parser())]
   assert ("eval", "nlvr") in commands and ("demo",) in commands and ("checkpoints",) in commands
-  for cmd in [c for c in commands if c[0] not in ("train", "compile")]:
+  for cmd in [c for c in commands if c[0] not in ("train", "compile", "bootstrap")]:
     with pytest.raises(SystemExit) as e:
       main([*cmd, "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0, cmd
     assert f"example:\n  blip-jax {' '.join(cmd)} " in out, (cmd, out[-300:])
-  for cmd in ("train", "compile"):  # absl-flag commands: the same shape of help
+  for cmd in ("train", "compile", "bootstrap"):  # absl-flag commands: the same shape of help
     main([cmd, "--help"])
     out = capsys.readouterr().out
     assert out.startswith(f"usage: blip-jax {cmd} ") and f"example:\n  blip-jax {cmd} " in out

@@ -214,8 +214,9 @@ def _packaged_vocab():
                       f"give a vocab.txt") from None
 
 
-def train(c, workdir: str):
-  """Runs (or resumes) a task's training. Returns the final metrics dict."""
+def train(c, workdir: str, final_model: str | None = None):
+  """Runs (or resumes) a task's training. Returns the final metrics dict. final_model: also save
+  the last step's model there in our format (what a pipeline's next stage loads; the bootstrap)."""
   import orbax.checkpoint as ocp
   import blip_jax.data as D
   from blip_jax import fs, tasks
@@ -391,6 +392,10 @@ def train(c, workdir: str):
       evaluate_epoch(step)
   mngr.wait_until_finished()
   writer.flush()
+  if final_model:
+    from blip_jax.api import BlipModel
+    BlipModel(mcfg, _host_params(state["params"], mesh), tokenizer=tok).save(final_model, overwrite=True,
+                                                                              tag=f"final{step}")
   result = {"final": metrics, "step": step}
   if task.evaluate is not None:
     result["eval"], result["best"] = eval_metrics, best
