@@ -169,8 +169,13 @@ def pretrain_stage(c, data: dict, annotations: list, d: str, log) -> dict:
 
 
 def _from_stage1(c_task, stage1: dict, pretrain_cfg) -> dict:
-  """A fine-tuning config that starts from the stage-1 model: its architecture and tokenizer."""
-  updates = {"init.blip": stage1["final_model"], "model": copy.deepcopy(pretrain_cfg.model),
+  """A fine-tuning config that starts from the stage-1 model: its architecture and tokenizer, at
+  the task's own resolution (the paper fine-tunes at 384 px what it pretrained at 224: the position
+  embedding is interpolated on load)."""
+  model = copy.deepcopy(pretrain_cfg.model)
+  model.unlock()
+  model.image_size = c_task.model.image_size
+  updates = {"init.blip": stage1["final_model"], "model": model,
              "tokenizer": copy.deepcopy(pretrain_cfg.tokenizer)}
   spm = fs.join(stage1["final_model"], "tokenizer")
   if pretrain_cfg.tokenizer.type == "sentencepiece" and not pretrain_cfg.tokenizer.model:

@@ -65,6 +65,7 @@ def _demo_sizes(c, steps, ft_epochs):
   for name, get in (("captioner", caption_cfg.get_config), ("filter", retrieval_cfg.get_config)):
     t = get("coco")
     t.unlock()
+    t.model.image_size = c.pretrain.model.image_size  # fine-tuned at the pretraining resolution
     t.data.pipeline.update(crop_scale=(1.0, 1.0), flip=False, randaug=False, threads=2, prompt="")
     t.batch_size, t.epochs, t.checkpoint_every = 32, ft_epochs, 10_000
     t.log_every = 25
@@ -94,6 +95,7 @@ def get_config(variant="demo"):
     _demo_sizes(c, steps=6, ft_epochs=1)
     c.data.synthetic.update(noisy=64, clean=64, clean_val=32, heldout=32, image_size=32)
     c.pretrain.model.image_size = 32
+    c.captioner.model.image_size = c.filter.model.image_size = 32
     c.pretrain.model.vision.update(width=32, depth=1, heads=2, mlp_dim=64, patch=16)
     c.pretrain.model.text.update(width=32, depth=1, heads=2, mlp_dim=64)
     c.pretrain.update(batch_size=16)
