@@ -138,12 +138,7 @@ def _train_config(base_cfg, annotations, image_root, updates: dict):
   c = copy.deepcopy(base_cfg)
   c.unlock()
   c.data.source.update(kind="json", annotations=tuple(annotations), image_root=image_root)
-  for k, v in updates.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(updates)
   c.lock()
   return c
 
