@@ -285,14 +285,13 @@ def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = N
   from blip_jax import fs
   from blip_jax.checkpoints import hub
   from blip_jax.tokenizers import BertTokenizer, load_tokenizer_dir
-  named = hub.is_name(path)
-  if named:  # an official release name: downloaded once into the cache, with BERT's vocab
-    path, named_vocab = hub.fetch_official(path)
+  if fs.is_url(path):
+    name = None
+    if not native.is_native_dir(path):  # ours reads URLs itself (Orbax)
+      path = fs.local_copy(path)
+  else:  # an official release name (cached download, with BERT's vocab), a hub id, or a path
+    path, named_vocab, name = hub.resolve(path)
     vocab = vocab or named_vocab
-  elif fs.is_url(path) and not native.is_native_dir(path):  # ours reads URLs itself (Orbax)
-    path = fs.local_copy(path)
-  elif not os.path.exists(path) and hub.is_hf_id(path):  # Salesforce/blip-... via huggingface_hub
-    path = hub.fetch_hf(path)
   fmt = detect_format(path)
   extras = {}
   if fmt == "native":
@@ -307,10 +306,9 @@ def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = N
     try:
       cfg, params, extras = official(path)
     except CheckpointError:
-      if not named:
+      if name is None:
         raise
-      hub.forget(path)  # a cached file damaged since its download: fetched again, never loaded
-      cfg, params, extras = official(hub.fetch(hub.official_url(hub.RELEASES[os.path.basename(path)[:-4]]), path))
+      cfg, params, extras = official(hub.refetch_official(name))  # damaged in the cache: never loaded
     tok = None
   if dtype:
     cfg = cfg.replace(dtype=dtype)

@@ -23,11 +23,8 @@ def cmd_convert(a):
   from blip_jax.tokenizers import BertTokenizer, SentencePieceTokenizer, load_tokenizer_dir
 
   from blip_jax.checkpoints import hub
-  if hub.is_name(a.src):  # an official name: the cached download, with bert-base-uncased's vocab
-    a.src, named_vocab = hub.fetch_official(a.src)
-    a.vocab = a.vocab or (None if a.spm else named_vocab)
-  elif not os.path.exists(a.src) and hub.is_hf_id(a.src):
-    a.src = hub.fetch_hf(a.src)
+  a.src, named_vocab, _ = hub.resolve(a.src)  # a name: the cached download, with bert-base-uncased's vocab
+  a.vocab = a.vocab or (None if a.spm else named_vocab)
   fmt = detect_format(a.src)
   if fmt == "native":
     model = blip_jax.load(a.src)
@@ -400,13 +397,9 @@ def cmd_checkpoints(a):
   import json
   from blip_jax.checkpoints import hub
   if a.fetch:
-    if hub.is_name(a.fetch):
-      path, _ = hub.fetch_official(a.fetch)
-    elif hub.is_hf_id(a.fetch):
-      path = hub.fetch_hf(a.fetch)
-    else:
+    if not (hub.is_name(a.fetch) or hub.is_hf_id(a.fetch)):
       raise ValueError(f"unknown checkpoint name {a.fetch!r}; `blip-jax checkpoints` lists them")
-    print(path)
+    print(hub.resolve(a.fetch)[0])
     return
   rows = [r for r in hub.listing() if not a.task or r["task"] == a.task]
   if a.json:
@@ -599,7 +592,8 @@ def build_parser():
   dm.add_argument("--retrieval", metavar="MODEL", help="ITM/ITC model for scores and search (default: --caption's "
                   "when it is a pretraining model)")
   dm.add_argument("--vqa", metavar="MODEL", help="VQA model for answers")
-  dm.add_argument("--images", help="a folder to search by text (features computed once, cached in it)")
+  dm.add_argument("--images", help="a folder to search by text (features computed once, cached under "
+                  "$BLIP_JAX_CACHE/demo_index)")
   dm.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
   dm.add_argument("--port", type=int, default=7860)
   dm.add_argument("--vocab", help="bert-base-uncased vocab.txt, when a checkpoint has no tokenizer")

@@ -244,6 +244,25 @@ def fetch_official(name: str, progress: bool = True) -> tuple[str, str]:
   return fetch(official_url(RELEASES[name]), official_path(name), progress=progress), vocab
 
 
+def resolve(model: str) -> tuple[str, str | None, str | None]:
+  """What every loader does with a model argument: (local path, vocab.txt to use or None, the
+  official release name or None). An official name is downloaded (with BERT's vocab), a hub id
+  fetched through huggingface_hub; anything else is returned as it is."""
+  if is_name(model):
+    path, vocab = fetch_official(model)
+    return path, vocab, model
+  if is_hf_id(model):
+    return fetch_hf(model), None, None
+  return model, None, None
+
+
+def refetch_official(name: str) -> str:
+  """A cached release that fails to read (damaged since its download): removed, fetched again."""
+  path = official_path(name)
+  forget(path)
+  return fetch(official_url(RELEASES[name]), path)
+
+
 HF_FILES = ("config.json", "vocab.txt")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 

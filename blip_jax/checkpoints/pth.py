@@ -47,15 +47,11 @@ _STORAGES = {
 }
 
 
-class _StorageType:
+class _TorchType:
+  """What a storage type (`torch.FloatStorage`, a persistent id's type) or a dtype (`torch.float32`,
+  an argument of _rebuild_tensor_v3) unpickles to: its NumPy dtype."""
   def __init__(self, dtype_name: str):
     self.dtype = np.dtype(_DTYPES[dtype_name])
-
-
-class _Dtype:
-  """What `torch.float32` etc. unpickle to (an argument of _rebuild_tensor_v3)."""
-  def __init__(self, name: str):
-    self.dtype = np.dtype(_DTYPES[name])
 
 
 class _Storage:
@@ -120,8 +116,8 @@ _GLOBALS = {
     ("_codecs", "encode"): _encode,
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
     ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray,
-    **{("torch", name): _StorageType(dt) for name, dt in _STORAGES.items()},
-    **{("torch", name): _Dtype(name) for name in _DTYPES},
+    **{("torch", name): _TorchType(dt) for name, dt in _STORAGES.items()},
+    **{("torch", name): _TorchType(name) for name in _DTYPES},
 }
 
 
@@ -139,7 +135,7 @@ class _Unpickler(pickle.Unpickler):
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and pid and pid[0] in ("storage", b"storage")
-            and isinstance(pid[1], _StorageType)):
+            and isinstance(pid[1], _TorchType)):
       raise UnsafePickleError(f"refused persistent id {str(pid)[:80]}: only tensor storages are read")
     return self._load_storage(pid[1:])
 
@@ -163,11 +159,12 @@ def _load_zip(f) -> object:
       storage_type, key, _location, numel = args[:4]
       key = key.decode() if isinstance(key, bytes) else str(key)
       if key not in storages:
-        dtype = storage_type.dtype.newbyteorder(order) if storage_type.dtype.itemsize > 1 else storage_type.dtype
+        dtype = storage_type.dtype.newbyteorder(order)
         raw = zf.read(f"{root}data/{key}")  # checks the member's CRC-32
         if len(raw) != int(numel) * dtype.itemsize:
           raise pickle.UnpicklingError(f"storage {key}: {len(raw)} bytes for {numel} x {dtype}")
-        storages[key] = _Storage(np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")))
+        data = np.frombuffer(raw, dtype)  # a view of the bytes read: each tensor copies its own part
+        storages[key] = _Storage(data if order == "<" else data.astype(dtype.newbyteorder("=")))
       return storages[key]
 
     return _Unpickler(io.BytesIO(zf.read(root + "data.pkl")), load_storage).load()
@@ -183,7 +180,7 @@ def _load_legacy(f) -> object:
   if safe() != 1001:
     raise pickle.UnpicklingError("legacy torch file of an unknown protocol version")
   safe()  # sys info: {'protocol_version', 'little_endian', 'type_sizes'}
-  storages: dict = {}  # root key -> (_StorageType, numel, _Storage filled below)
+  storages: dict = {}  # root key -> (_TorchType, numel, _Storage filled below)
 
   def load_storage(args):
     storage_type, root_key, _location, numel, view = args
