@@ -231,6 +231,7 @@ def eval_stage(c, data: dict, models: dict, d: str, log) -> dict:
   root = data.get("eval_image_root", data["image_root"])
   gallery = R.read_gallery(data["files"]["heldout"], root)
   R.check_gallery(gallery, c.eval.k)
+  cset = C.read_caption_set(data["files"]["heldout"], root, "") if c.eval.caption else None
   out = {}
   for name, path in models.items():
     model = blip_jax.load(path)
@@ -238,8 +239,7 @@ def eval_stage(c, data: dict, models: dict, d: str, log) -> dict:
     if jax.process_index() == 0:
       R.write_outputs(res, fs.join(d, name, "retrieval"))
     out[name] = {"retrieval": {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}}
-    if c.eval.caption:
-      cset = C.read_caption_set(data["files"]["heldout"], root, "")
+    if cset is not None:
       cres = C.evaluate_captions(model, cset, batch_size=c.eval.batch_size, prompt=c.eval.prompt, spice="off",
                                  progress=c.progress, num_beams=c.eval.num_beams, max_length=c.eval.max_length,
                                  min_length=c.eval.min_length)

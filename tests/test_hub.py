@@ -176,8 +176,7 @@ def test_names_load_caption_and_refetch_a_damaged_cache(server, caption_pth, voc
   want = blip_jax.load(str(local), vocab=vocab_path)
   got = blip_jax.load(name)
   assert got.config == want.config and got.tokenizer.vocab_size == want.tokenizer.vocab_size
-  np.testing.assert_array_equal(*(np.concatenate([np.ravel(x) for x in jax_leaves(m.params)])
-                                  for m in (got, want)))
+  np.testing.assert_array_equal(flat(got), flat(want))
   cached = hub.official_path(name)
   assert cached.startswith(str(tmp_path / "cache")) and hub.is_cached(cached)
   # the CLI by name: caption a photo
@@ -189,8 +188,7 @@ def test_names_load_caption_and_refetch_a_damaged_cache(server, caption_pth, voc
   assert "wrote" in capsys.readouterr().out
   conv = blip_jax.load(str(tmp_path / "converted"))
   assert conv.tokenizer.vocab_size == want.tokenizer.vocab_size
-  np.testing.assert_array_equal(*(np.concatenate([np.ravel(x) for x in jax_leaves(m.params)])
-                                  for m in (conv, want)))
+  np.testing.assert_array_equal(flat(conv), flat(want))
   assert len(gets(server, f"/{name}.pth")) == 1  # fetched once, then read from the cache
   # damaged in the cache since: same size, one byte flipped -> fetched again, never loaded
   data = bytearray(open(cached, "rb").read())
@@ -198,8 +196,7 @@ def test_names_load_caption_and_refetch_a_damaged_cache(server, caption_pth, voc
   open(cached, "wb").write(bytes(data))
   again = blip_jax.load(name)
   assert open(cached, "rb").read() == caption_pth and len(gets(server, f"/{name}.pth")) == 2
-  np.testing.assert_array_equal(*(np.concatenate([np.ravel(x) for x in jax_leaves(m.params)])
-                                  for m in (again, want)))
+  np.testing.assert_array_equal(flat(again), flat(want))
   # truncated in the cache: its size no longer matches the record -> fetched again
   open(cached, "wb").write(caption_pth[:1000])
   blip_jax.load(name)
@@ -211,9 +208,10 @@ def test_names_load_caption_and_refetch_a_damaged_cache(server, caption_pth, voc
   assert set(hub.RELEASES) <= {r["name"] for r in rows}
 
 
-def jax_leaves(tree):
+def flat(model):
+  """Every parameter value of a model, in tree order, as one vector."""
   import jax
-  return jax.tree.leaves(tree)
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(model.params)])
 
 
 def test_release_parameter_counts_are_the_models():
