@@ -99,21 +99,33 @@ def init_state(cfg: BlipConfig, tx: optax.GradientTransformation, loss_cfg: Loss
   return state if boxed else nn.meta.unbox(state)
 
 
+def micro_key(state_rng, step, micro: int = 0):
+  """The random key of one (micro)batch of one step: every draw of its forward derives from it."""
+  return jax.random.fold_in(jax.random.fold_in(state_rng, step), micro)
+
+
+def contrastive_keys(rng) -> dict:
+  """The draws of one ITC/ITM forward: each forward its own dropout key (as separate torch forwards
+  draw separate masks), and the ITM hard negatives (an image for each text, a text for each image).
+  Named so that a test can replay the negatives (tests/test_official_training.py)."""
+  k = jax.random.split(rng, 4)
+  return {"dropout_unimodal": k[0], "dropout_multimodal": k[1], "negative_images": k[2], "negative_texts": k[3]}
+
+
 def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, queues, alpha, rng):
   """Losses of one (micro)batch. Returns (total, (metrics, image_feat_m, text_feat_m))."""
   model, mom_model = Blip(cfg), Blip(momentum_config(cfg))
   temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)
   pixels = normalize_images(batch["image"])
   ids, mask = batch["text_ids"], batch["text_mask"]
-  # each forward its own dropout key, as separate torch forwards draw separate masks
-  k_drop_uni, k_drop_itm, k_neg_i, k_neg_t = jax.random.split(rng, 4)
+  keys = contrastive_keys(rng)
 
   def online(m):
     image_embeds = m.encode_image(pixels, train=True)
     image_feat = m.image_feat(image_embeds)
     text_feat = m.text_feat(ids, mask, train=True)
     return image_embeds, image_feat, text_feat
-  image_embeds, image_feat, text_feat = model.apply({"params": params}, method=online, rngs={"dropout": k_drop_uni})
+  image_embeds, image_feat, text_feat = model.apply({"params": params}, method=online, rngs={"dropout": keys["dropout_unimodal"]})
 
   def mom(m):
     e = m.encode_image(pixels)
@@ -142,8 +154,8 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
     s = image_feat @ text_feat.T / temp
     w_i2t = losses.negative_weights(s, groups, floor=0.0, idx=idx)
     w_t2i = losses.negative_weights(s.T, groups, floor=0.0, idx=idx)
-  neg_image = losses.sample_negatives(k_neg_i, w_t2i)  # for each text, an image
-  neg_text = losses.sample_negatives(k_neg_t, w_i2t)  # for each image, a text
+  neg_image = losses.sample_negatives(keys["negative_images"], w_t2i)  # for each text, an image
+  neg_text = losses.sample_negatives(keys["negative_texts"], w_i2t)  # for each image, a text
 
   def itm(m):
     pos = m.itm_logits(image_embeds, ids, mask, train=True)
@@ -153,7 +165,7 @@ def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, que
     neg = m.itm_logits(images, texts, masks, train=True)
     lm = m.lm_logits(image_embeds, ids, mask, train=True) if cfg.kind == "pretrain" else None
     return pos, neg, lm
-  logits_pos, logits_neg, lm_logits = model.apply({"params": params}, method=itm, rngs={"dropout": k_drop_itm})
+  logits_pos, logits_neg, lm_logits = model.apply({"params": params}, method=itm, rngs={"dropout": keys["dropout_multimodal"]})
   loss_itm, itm_acc = losses.itm_loss(logits_pos, logits_neg)
   # retrieval fine-tuning has no decoder: ITC + ITM only (official blip_retrieval)
   loss_lm = (losses.lm_loss(lm_logits, ids, mask, label_smoothing=loss_cfg.label_smoothing)
@@ -212,7 +224,6 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
 
   def step(state, batch):
     s = state["step"]
-    rng = jax.random.fold_in(state["rng"], s)
     params = state["params"]
     if contrastive:
       temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)
@@ -227,7 +238,7 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
     k = loss_cfg.grad_accum
     def micro(carry, mb):
       grads_acc, i = carry
-      r = jax.random.fold_in(rng, i)
+      r = micro_key(state["rng"], s, i)
       if contrastive:
         f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, alpha, r)
       elif cfg.kind == "vqa":
@@ -286,13 +297,15 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
 
 def paper_schedule(lr: float, warmup_steps: int, warmup_lr: float, decay_rate: float, min_lr: float,
                    steps_per_epoch: int) -> Callable:
-  """Linear warm-up from warmup_lr over warmup_steps, then lr * decay_rate ** epoch, floored."""
+  """Official pretrain.py: in epoch 0, a linear warm-up from warmup_lr over warmup_steps (then lr);
+  from epoch 1 on, lr * decay_rate ** epoch, floored at min_lr. A warm-up longer than epoch 0 is
+  cut at its end, as the official warmup_lr_schedule runs in epoch 0 only."""
   def fn(step):
     step = jnp.asarray(step, jnp.float32)
     warm = warmup_lr + (lr - warmup_lr) * step / max(warmup_steps, 1)
     epoch = jnp.floor(step / max(steps_per_epoch, 1))
     decayed = jnp.maximum(min_lr, lr * decay_rate ** epoch)
-    return jnp.where(step < warmup_steps, jnp.minimum(warm, lr), decayed)
+    return jnp.where(epoch == 0, jnp.minimum(warm, lr), decayed)
   return fn
 
 

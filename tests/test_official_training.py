@@ -1,0 +1,386 @@
+"""Training equals the official BLIP, step for step: the official PyTorch models (salesforce/BLIP,
+from PyPI's blip-vit, tests/official_code.py) and ours trained side by side from the same weights
+(the official state dict saved as a .pth, read by our loader through init.blip as a user starts a
+run), on the same images and captions, dropout and drop path off, the same ITM hard negatives
+(ours drawn, handed to the official torch.multinomial). The official side: torch.optim.AdamW on
+all parameters with the official yaml's hyper-parameters and the official scripts' schedules
+(tests/official_side.py); ours: the task's recipe config -> trainer.build -> the jitted step.
+Only the size, the lr (large enough to move every weight far beyond float noise), the warm-up and
+the epoch length are shrunk, on both sides alike.
+
+Tolerances (fp32), and why. Every step's losses, lr and alpha agree to LOSS_TOL (relative; measured
+1e-6 or less). After the last step every weight agrees to PARAM_TOL x the peak lr (a quarter of
+the largest change one AdamW step makes to a weight) while every tensor moved by more than 5x
+that (asserted); the momentum towers and the queues, averaged and normalised, to BUFFER_TOL
+relative. The weights' bar is in units of the lr, not 1e-4 of their values, because AdamW divides
+each gradient by its running RMS + 1e-8: an element whose exact gradient is near 1e-9 (NLVR2's
+'out' row here) turns a 5e-9 rounding difference into a tenth of a step. The official fp32 code
+itself ends up to 0.04 lr away from the exact run (an fp64 twin of the official model:
+BLIP_JAX_FP64_TWIN=1 prints it), ours up to 0.1 lr. Elements whose exact gradient is zero
+(attention key biases: softmax ignores a constant per row) move by rounding noise alone on both
+sides: they are held to the most Adam can move them (the sum of the lrs) and left out of the rest
+(official_side.zero_gradient_elements).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import official_code
+import official_side as S
+from blip_jax import losses
+from blip_jax.checkpoints.convert import load_state_dict
+from blip_jax.data.device import global_batch
+from blip_jax.tokenizers import BertTokenizer
+from blip_jax.train import trainer
+from blip_jax.train.step import contrastive_keys, micro_key, split_ids
+
+LOSS_TOL = 1e-4  # relative, every step's losses, lr and alpha
+PARAM_TOL = 0.25  # x the peak lr: a quarter of the largest change one AdamW step makes to a weight
+BUFFER_TOL = 1e-4  # relative to the tensor's largest value: momentum towers and queues
+REPORT: dict = {}  # per task: steps, worst loss / state differences (printed at the module's end)
+
+
+@pytest.fixture(scope="module")
+def official(vocab_path):
+  return official_code.load(os.path.dirname(vocab_path))
+
+
+@pytest.fixture(scope="module")
+def tok(vocab_path):
+  return BertTokenizer(vocab_path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+  yield REPORT
+  for task, r in REPORT.items():
+    print(f"\n{task}: {r}")
+
+
+def official_yaml(official, name) -> dict:
+  """An official configs/*.yaml. The official scripts read it with ruamel (YAML 1.2: '1e-6' is a
+  number); PyYAML (1.1) leaves such values strings, so numbers are parsed here."""
+  def number(v):
+    try:
+      return float(v) if isinstance(v, str) else v
+    except ValueError:
+      return v
+  with open(os.path.join(official.root, "blip", "configs", name)) as f:
+    return {k: number(v) for k, v in yaml.safe_load(f).items()}
+
+
+def small(c, **over):
+  """A task recipe config (configs/*.py) at the test's size; the rest of the recipe kept."""
+  c.unlock()
+  c.model.update(vit="", image_size=S.IMAGE)
+  c.model.vision.update(width=S.WIDTH, depth=S.DEPTH, heads=S.HEADS, mlp_dim=4 * S.WIDTH, patch=16,
+                        drop_path=0.0, layer_norm_eps=1e-6)
+  c.model.text.update(width=S.WIDTH, depth=S.DEPTH, heads=S.HEADS, mlp_dim=2 * S.WIDTH, vocab_size=30524,
+                      max_positions=64, dropout=0.0)
+  c.tokenizer.update(type="bert", vocab="")
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  c.lock()
+  return c
+
+
+class Ours:
+  """Our side as `blip-jax train` builds it: tokenizer -> model config -> mesh (one device, as the
+  official world of one process) -> trainer.build (optimizer, schedule, jitted step) -> a fresh
+  state initialised from the official .pth (init.blip)."""
+
+  def __init__(self, c, pth, tok, steps_per_epoch):
+    c.unlock()
+    c.init.blip = str(pth)
+    c.lock()
+    self.c, self.tok = c, tok
+    self.cfg = trainer.model_config(c, tok)
+    self.mesh = trainer.make_mesh(c, jax.devices()[:1])
+    prompt = c.data.pipeline.prompt
+    self.prompt_length = 1 + len(tok.encode(prompt)) if prompt else 0  # as trainer.train
+    self.step_fn, init_fn, shardings, self.batch_sharding, _ = trainer.build(
+        c, self.cfg, self.mesh, steps_per_epoch, c.epochs * steps_per_epoch, self.prompt_length)
+    with jax.set_mesh(self.mesh):
+      state = init_fn(jax.random.PRNGKey(c.seed))
+    self.state = trainer._initialise_from(c, self.cfg, state, shardings)
+    self.rng = np.asarray(jax.device_get(self.state["rng"]))
+
+  def host(self):
+    return jax.tree.map(np.asarray, jax.device_get(self.state))
+
+  def step(self, batch):
+    with jax.set_mesh(self.mesh):
+      self.state, m = self.step_fn(self.state, global_batch(batch, self.batch_sharding))
+    return {k: float(v) for k, v in jax.device_get(m).items()}
+
+
+def rel(a, b):
+  return abs(a - b) / max(abs(b), 1e-6)
+
+
+def check_state(ours: Ours, start: dict, sd: dict, where: str, peak_lr: float, noise_bound: float) -> dict:
+  """Our state after the last step against the official final state dict read by our loader:
+  every parameter (temp among them) to PARAM_TOL x peak_lr, both momentum towers and queues to
+  BUFFER_TOL relative, the queues' image ids and pointer exactly."""
+  ref_params, ref_extras = load_state_dict(sd, ours.cfg, "official")
+  end = ours.host()
+  tol = PARAM_TOL * peak_lr
+  least, leaf = S.moved(start["params"], end["params"])
+  assert least > 5 * tol, f"{where}: {leaf} moved only {least:.2e}: the run must move every parameter"
+  w = S.worst_difference(end["params"], ref_params, where, noise_bound)
+  assert w["abs"][0] <= tol, f"{where}: {w['abs'][1]} differs by {w['abs'][0]:.2e} > {tol:.1e} after the last step"
+  out = {"params_abs_over_lr": w["abs"][0] / peak_lr, "params_rel": w["rel"][0], "least_move_over_lr": least / peak_lr}
+  if "momentum" in end:
+    buffers = {"momentum": (end["momentum"], ref_extras["momentum"])}
+    buf = ref_extras["buffers"]
+    for q in ("image_queue", "text_queue"):
+      buffers[q] = ({q: end[q]}, {q: buf[q].T})
+    for name, (a, b) in buffers.items():
+      d, leaf = S.worst_difference(a, b, f"{where} {name}", noise_bound)["rel"]
+      assert d < BUFFER_TOL, f"{where}: {name} {leaf} differs by {d:.2e} (relative) after the last step"
+      out[f"{name}_rel"] = d
+    ptr = "queue_ptr" if "queue_ptr" in buf else "ptr_queue"
+    assert int(end["queue_ptr"]) == int(buf[ptr][0]), (int(end["queue_ptr"]), buf[ptr])
+    if "idx_queue" in buf:
+      np.testing.assert_array_equal(end["idx_queue"], split_ids(buf["idx_queue"][0]))
+  return {k: float(f"{v:.2e}") for k, v in out.items()}
+
+
+def side_by_side(task, ours: Ours, model, steps, batch_at, official_loss, names, lr_at, alpha_at=None,
+                 weight_decay=0.05, replay=False):
+  """Trains both for `steps`: batch_at(s) -> (our batch, official inputs); official_loss(s, inputs,
+  model) -> {name: loss tensor} whose sum is back-propagated; names: our metric -> official loss.
+  With BLIP_JAX_FP64_TWIN=1 an fp64 copy of the official model trains beside them (the exact
+  trajectory, to within fp64 rounding), and the report gives how far the official fp32 run and
+  ours each end from it: the yardstick for PARAM_TOL."""
+  runs = [(model, torch.float32)]
+  if os.environ.get("BLIP_JAX_FP64_TWIN"):
+    runs.append((copy.deepcopy(model).double(), torch.float64))
+  opts = [torch.optim.AdamW(m.parameters(), lr=lr_at(0), weight_decay=weight_decay) for m, _ in runs]  # torch defaults otherwise
+  for m, _ in runs:
+    m.train()
+  start = ours.host()
+  worst = {}
+  for s in range(steps):
+    batch, inputs = batch_at(s)
+    metrics = ours.step(batch)
+    for (m, dtype), opt in zip(runs, opts):
+      S.set_lr(opt, lr_at(s))
+      draws = (S.replayed_multinomial(contrastive_keys(micro_key(ours.rng, s)), losses.sample_negatives)
+               if replay else contextlib.nullcontext())
+      torch.set_default_dtype(dtype)
+      try:
+        with draws:
+          out = official_loss(s, tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+                                       for x in inputs), m)
+      finally:
+        torch.set_default_dtype(torch.float32)
+      opt.zero_grad()
+      sum(out.values()).backward()
+      opt.step()
+      if m is model:
+        off = out
+    diffs = {"lr": rel(metrics["lr"], lr_at(s))}
+    if alpha_at is not None:
+      diffs["alpha"] = abs(metrics["alpha"] - alpha_at(s))
+    diffs.update({n: rel(metrics[n], off[o].item()) for n, o in names.items()})
+    bad = {k: v for k, v in diffs.items() if v > LOSS_TOL}
+    assert not bad, f"{task} step {s}: {bad}; ours {metrics}, official { {k: v.item() for k, v in off.items()} }"
+    worst = {k: max(worst.get(k, 0.0), v) for k, v in diffs.items()}
+  lrs = [lr_at(s) for s in range(steps)]
+  state = check_state(ours, start, S.state_dict_numpy(model), task, max(lrs), sum(lrs))
+  REPORT[task] = {"steps": steps, "worst_step_diff": {k: float(f"{v:.2e}") for k, v in worst.items()},
+                  "worst_state_diff": state}
+  if len(runs) > 1:
+    exact, _ = load_state_dict({k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                                for k, v in runs[1][0].state_dict().items()}, ours.cfg, "official")
+    official32, _ = load_state_dict(S.state_dict_numpy(model), ours.cfg, "official")
+    for name, tree in (("official_fp32", official32), ("ours", ours.host()["params"])):
+      d, leaf = S.worst_difference(tree, exact, f"{task} {name} vs fp64", sum(lrs))["abs"]
+      REPORT[task][f"{name}_vs_fp64_over_lr"] = (float(f"{d / max(lrs):.2e}"), "/".join(leaf))
+
+
+# ---- pretraining -----------------------------------------------------------------------------------
+def test_pretraining_matches_official(official, tok, tmp_path):
+  """BLIP_Pretrain (ITC with momentum distillation over batch + queue, ITM on hard negatives, LM)
+  and configs/pretrain.py:vit_b, 30 steps: 3 epochs of 10, a warm-up of 12 steps (cut at epoch 0's
+  end, as pretrain.py does), the step decay per epoch, alpha ramped over 2 epochs, a queue of 3
+  batches that wraps 10 times."""
+  from configs.pretrain import get_config
+  y = official_yaml(official, "pretrain.yaml")
+  b, q, spe, steps = 8, 24, 10, 30
+  official_code.SMALL_VIT.update(width=S.WIDTH, depth=S.DEPTH, heads=S.HEADS, patch=16, drop_path=None)
+  torch.manual_seed(0)
+  model = official.blip_pretrain.BLIP_Pretrain(med_config=S.med_config_file(tmp_path, 30522), image_size=S.IMAGE,
+                                               vit="base", queue_size=q, momentum=0.995)
+  S.reinit_(model, 1)
+  lr, warmup = 1e-3, 12
+  c = small(get_config("vit_b"), batch_size=b, epochs=3,
+            **{"loss.queue_size": q, "optim.lr": lr, "optim.warmup_steps": warmup})
+  ours = Ours(c, S.save_pth(model, tmp_path / "start.pth"), tok, spe)
+
+  def batch_at(s):
+    caps, img = S.coco_captions(b, s), S.images(b, s)
+    ids, mask = tok(caps, max_length=30)  # official: padding='max_length', max_length=30
+    if s == 0:
+      np.testing.assert_array_equal(ids, model.tokenizer(caps, padding="max_length", truncation=True, max_length=30,
+                                                         return_tensors="np").input_ids)
+    return ({"image": img, "text_ids": ids, "text_mask": mask,
+             "image_id": split_ids(np.arange(s * b, (s + 1) * b))}, (S.nchw(img), caps))
+
+  def official_loss(s, inputs, m):
+    ita, itm, lm = m(*inputs, alpha=S.pretrain_alpha(s, spe, y["alpha"]))
+    return {"ita": ita, "itm": itm, "lm": lm}
+
+  side_by_side("pretraining", ours, model, steps, batch_at, official_loss,
+               {"loss_itc": "ita", "loss_itm": "itm", "loss_lm": "lm"},
+               lr_at=lambda s: S.pretrain_lr(s, spe, lr, y["warmup_lr"], warmup, y["lr_decay_rate"], y["min_lr"]),
+               alpha_at=lambda s: S.pretrain_alpha(s, spe, y["alpha"]), weight_decay=y["weight_decay"], replay=True)
+
+
+# ---- retrieval fine-tuning ----------------------------------------------------------------------------
+def test_retrieval_finetuning_matches_official(official, tok, tmp_path):
+  """BLIP_Retrieval with negative_all_rank (configs/retrieval.py:coco): ITC positives by image id
+  over batch + idx queue, every batch with repeated images (several captions of one image), hard
+  negatives over the whole batch with same-image pairs excluded; alpha ramped over epoch 0, the
+  cosine lr per epoch; 12 steps, 3 epochs of 4, a queue of 3 batches."""
+  from configs.retrieval import get_config
+  y = official_yaml(official, "retrieval_coco.yaml")
+  b, q, spe, epochs, steps = 8, 24, 4, 3, 12
+  official_code.SMALL_VIT.update(width=S.WIDTH, depth=S.DEPTH, heads=S.HEADS, patch=16, drop_path=None)
+  torch.manual_seed(0)
+  model = official.blip_retrieval.BLIP_Retrieval(med_config=S.med_config_file(tmp_path, 30524), image_size=S.IMAGE,
+                                                 vit="base", queue_size=q, negative_all_rank=y["negative_all_rank"])
+  S.reinit_(model, 2)
+  lr = 1e-3
+  c = small(get_config("coco"), batch_size=b, epochs=epochs, **{"loss.queue_size": q, "optim.lr": lr})
+  ours = Ours(c, S.save_pth(model, tmp_path / "start.pth"), tok, spe)
+  groups = np.array([0, 0, 1, 2, 2, 2, 3, 4])  # captions of 5 images
+
+  def batch_at(s):
+    caps, img = S.coco_captions(b, 100 + s), S.images(5, 100 + s)[groups]
+    idx = groups + 5 * (s % 3)  # image ids recur across steps: queue entries of the same image are positives
+    ids, mask = tok(caps, max_length=35)
+    return ({"image": img, "text_ids": ids, "text_mask": mask, "image_id": split_ids(idx)},
+            (S.nchw(img), caps, torch.from_numpy(idx)))
+
+  def official_loss(s, inputs, m):
+    img, caps, idx = inputs
+    ita, itm = m(img, caps, alpha=S.retrieval_alpha(s, spe, y["alpha"]), idx=idx)
+    return {"ita": ita, "itm": itm}
+
+  side_by_side("retrieval", ours, model, steps, batch_at, official_loss, {"loss_itc": "ita", "loss_itm": "itm"},
+               lr_at=lambda s: S.cosine_lr(s, spe, epochs, lr, y["min_lr"]),
+               alpha_at=lambda s: S.retrieval_alpha(s, spe, y["alpha"]), weight_decay=y["weight_decay"], replay=True)
+
+
+# ---- captioning, VQA, NLVR2 ---------------------------------------------------------------------------
+def test_caption_finetuning_matches_official(official, tok, tmp_path):
+  """BLIP_Decoder.forward (configs/caption.py:coco): 'a picture of ' + caption, [DEC] first, the
+  prompt's tokens and padding not targets, label smoothing 0.1; 10 steps, cosine lr per epoch."""
+  from configs.caption import get_config
+  y = official_yaml(official, "caption_coco.yaml")
+  b, spe, epochs, steps = 8, 4, 3, 10
+  official_code.SMALL_VIT.update(width=S.WIDTH, depth=S.DEPTH, heads=S.HEADS, patch=16, drop_path=None)
+  torch.manual_seed(0)
+  model = official.blip.BLIP_Decoder(med_config=S.med_config_file(tmp_path, 30524), image_size=S.IMAGE, vit="base",
+                                     prompt=y["prompt"])
+  S.reinit_(model, 3)
+  lr = 1e-3
+  c = small(get_config("coco"), batch_size=b, epochs=epochs, **{"optim.lr": lr})
+  ours = Ours(c, S.save_pth(model, tmp_path / "start.pth"), tok, spe)
+  assert c.data.pipeline.prompt == y["prompt"] and ours.prompt_length == model.prompt_length == 4
+
+  def batch_at(s):
+    caps = [y["prompt"] + t for t in S.coco_captions(b, 200 + s)]  # the official dataset prepends it
+    img = S.images(b, 200 + s)
+    ids, mask = tok(caps, max_length=c.data.pipeline.text_length)
+    return {"image": img, "text_ids": ids, "text_mask": mask}, (S.nchw(img), caps)
+
+  side_by_side("caption", ours, model, steps, batch_at, lambda s, inputs, m: {"lm": m(*inputs)}, {"loss_lm": "lm"},
+               lr_at=lambda s: S.cosine_lr(s, spe, epochs, lr, y["min_lr"]), weight_decay=y["weight_decay"])
+
+
+def test_vqa_finetuning_matches_official(official, tok, tmp_path):
+  """BLIP_VQA.forward(train=True) (configs/vqa.py:vqav2): the question encoded against the image,
+  each question's several answers decoded from its states, loss = sum(weight x summed token loss)
+  / questions; 10 steps."""
+  from configs.vqa import get_config
+  y = official_yaml(official, "vqa.yaml")
+  b, spe, epochs, steps, max_answers, answer_length = 4, 4, 3, 10, 10, 8
+  official_code.SMALL_VIT.update(width=S.WIDTH, depth=S.DEPTH, heads=S.HEADS, patch=16, drop_path=0.0)
+  torch.manual_seed(0)
+  model = official.blip_vqa.BLIP_VQA(med_config=S.med_config_file(tmp_path, 30524), image_size=S.IMAGE, vit="base")
+  S.reinit_(model, 4)
+  lr = 1e-3
+  c = small(get_config("vqav2"), batch_size=b, epochs=epochs, **{"optim.lr": lr})
+  ours = Ours(c, S.save_pth(model, tmp_path / "start.pth"), tok, spe)
+  vocabulary = ["yes", "no", "two", "red", "a dog", "tennis racket", "on the table", "blue and white"]
+
+  def batch_at(s):
+    r = np.random.RandomState(300 + s)
+    questions = [" ".join(t.split()[:8]) for t in S.coco_captions(b, 300 + s)]
+    n = r.randint(1, 4, b)  # 1-3 answers per question, as VQA's unique answers
+    answers = [list(r.choice(vocabulary, k, replace=False)) for k in n]
+    weights = [list(np.round(w / w.sum(), 1)) for w in (r.randint(1, 10, k).astype(float) for k in n)]
+    img = S.images(b, 300 + s)
+    q_ids, q_mask = tok(questions, max_length=35)
+    a_ids = np.zeros((b, max_answers, answer_length), np.int32)
+    a_mask = np.zeros_like(a_ids)
+    a_w = np.zeros((b, max_answers), np.float32)
+    for i in range(b):
+      a_ids[i, :n[i]], a_mask[i, :n[i]] = tok(answers[i], max_length=answer_length)
+      a_w[i, :n[i]] = weights[i]
+    flat_answers = [a for row in answers for a in row]
+    flat_weights = torch.tensor([w for row in weights for w in row], dtype=torch.float32)
+    return ({"image": img, "question_ids": q_ids, "question_mask": q_mask, "answer_ids": a_ids,
+             "answer_mask": a_mask, "answer_weights": a_w},
+            (S.nchw(img), questions, flat_answers, torch.tensor(n), flat_weights))
+
+  def official_loss(s, inputs, m):
+    img, questions, answers, n, weights = inputs
+    return {"vqa": m(img, questions, answers, n=n, weights=weights, train=True)}
+
+  side_by_side("vqa", ours, model, steps, batch_at, official_loss, {"loss_vqa": "vqa"},
+               lr_at=lambda s: S.cosine_lr(s, spe, epochs, lr, y["min_lr"]), weight_decay=y["weight_decay"])
+
+
+def test_nlvr_finetuning_matches_official(official, tok, tmp_path):
+  """BLIP_NLVR.forward(train=True) (configs/nlvr.py:nlvr2): both images through the ViT, the
+  sentence grounded in each by its own cross-attention, averaged in text layers 0-5 and merged
+  from layer 6 on (8 text layers here, so both kinds run), the MLP head's cross-entropy; 10 steps."""
+  from configs.nlvr import get_config
+  y = official_yaml(official, "nlvr.yaml")
+  b, spe, epochs, steps, depth = 8, 4, 3, 10, 8
+  official_code.SMALL_VIT.update(width=S.WIDTH, depth=S.DEPTH, heads=S.HEADS, patch=16, drop_path=0.0)
+  torch.manual_seed(0)
+  model = official.blip_nlvr.BLIP_NLVR(med_config=S.med_config_file(tmp_path, 30524, depth=depth),
+                                       image_size=S.IMAGE, vit="base")
+  S.reinit_(model, 5)
+  lr = 1e-3
+  c = small(get_config("nlvr2"), batch_size=b, epochs=epochs, **{"optim.lr": lr, "model.text.depth": depth})
+  ours = Ours(c, S.save_pth(model, tmp_path / "start.pth"), tok, spe)
+
+  def batch_at(s):
+    sentences = S.coco_captions(b, 400 + s)
+    left, right = S.images(b, 400 + s), S.images(b, 500 + s)
+    label = (np.random.RandomState(400 + s).uniform(size=b) < 0.75).astype(np.int64)  # 3:1, so the head's bias moves
+    ids, mask = tok(sentences, max_length=c.data.pipeline.text_length)
+    return ({"image": left, "image2": right, "text_ids": ids, "text_mask": mask, "label": label.astype(np.int32)},
+            (torch.cat([S.nchw(left), S.nchw(right)]), sentences, torch.from_numpy(label)))
+
+  side_by_side("nlvr", ours, model, steps, batch_at, lambda s, inputs, m: {"nlvr": m(*inputs, train=True)},
+               {"loss_nlvr": "nlvr"}, lr_at=lambda s: S.cosine_lr(s, spe, epochs, lr, y["min_lr"]),
+               weight_decay=y["weight_decay"])
