@@ -87,6 +87,14 @@ def vocab_path():
 
 
 @pytest.fixture(scope="session")
+def official_blip(vocab_path):
+  """The official BLIP model code (salesforce/BLIP from PyPI's blip-vit sdist) behind the shims of
+  tests/official_code.py; fetched once into a cache. Not available: an error, never a skip."""
+  import official_code
+  return official_code.load(os.path.dirname(vocab_path))
+
+
+@pytest.fixture(scope="session")
 def coco():
   with open(os.path.join(COCO, "captions_karpathy_test.json")) as f:
     ann = json.load(f)

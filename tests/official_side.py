@@ -19,16 +19,16 @@ from conftest import COCO
 WIDTH, DEPTH, HEADS, IMAGE = 64, 2, 2, 32
 
 
-def med_config_file(tmp_dir, vocab_size: int, depth: int = DEPTH) -> str:
+def med_config_file(tmp_dir, vocab_size: int, depth: int = DEPTH, width: int = WIDTH, heads: int = HEADS) -> str:
   """A med/bert config json as the official configs/*.json, small, dropout off (the official
   0.1 makes two runs incomparable); encoder_width = WIDTH serves both the image (vision width)
   and the VQA answer decoder (question states)."""
   cfg = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.0, "hidden_act": "gelu",
-         "hidden_dropout_prob": 0.0, "hidden_size": WIDTH, "initializer_range": 0.02,
-         "intermediate_size": 2 * WIDTH, "layer_norm_eps": 1e-12, "max_position_embeddings": 64,
-         "model_type": "bert", "num_attention_heads": HEADS, "num_hidden_layers": depth, "pad_token_id": 0,
-         "type_vocab_size": 2, "vocab_size": vocab_size, "encoder_width": WIDTH, "add_cross_attention": True}
-  path = os.path.join(tmp_dir, f"med_{vocab_size}_{depth}.json")
+         "hidden_dropout_prob": 0.0, "hidden_size": width, "initializer_range": 0.02,
+         "intermediate_size": 2 * width, "layer_norm_eps": 1e-12, "max_position_embeddings": 64,
+         "model_type": "bert", "num_attention_heads": heads, "num_hidden_layers": depth, "pad_token_id": 0,
+         "type_vocab_size": 2, "vocab_size": vocab_size, "encoder_width": width, "add_cross_attention": True}
+  path = os.path.join(tmp_dir, f"med_{vocab_size}_{depth}_{width}.json")
   with open(path, "w") as f:
     json.dump(cfg, f)
   return path
@@ -48,6 +48,23 @@ def reinit_(model: torch.nn.Module, seed: int):
       else:
         std, mean = (0.02, 0.0) if name.endswith("bias") else (0.05, 0.0)
       p.copy_(mean + std * torch.randn(p.shape, generator=g))
+
+
+def small_official(make, tmp_dir, *, vocab_size: int = 30524, depth: int = DEPTH, image_size: int = IMAGE,
+                   width: int = WIDTH, drop_path=None, seed: int = 0, **kw):
+  """An official model class (BLIP_Pretrain, BLIP_Retrieval, BLIP_Decoder, BLIP_VQA, BLIP_NLVR,
+  BLIP_ITM) built at a small size, every weight redrawn (reinit_). Heads are 32 wide at the
+  default width (a training config names its heads); width=128 gives 64-wide heads, the width
+  blip_jax.load reads heads off for official files (which carry no config). drop_path None keeps
+  the rate the class asks for (VQA, NLVR2: 0.1); a number overrides it."""
+  import official_code
+  heads = HEADS if width == WIDTH else width // 64
+  official_code.SMALL_VIT.update(width=width, depth=DEPTH, heads=heads, patch=16, drop_path=drop_path)
+  torch.manual_seed(0)
+  model = make(med_config=med_config_file(str(tmp_dir), vocab_size, depth, width, heads), image_size=image_size,
+               vit="base", **kw)
+  reinit_(model, seed)
+  return model
 
 
 def state_dict_numpy(model) -> dict:

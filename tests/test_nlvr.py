@@ -1,12 +1,7 @@
-"""NLVR2's two-image model equals an independent PyTorch model of the official one, official
-checkpoints load with nothing unexplained, a pretraining checkpoint starts both image branches, and
-the swap augmentation swaps the words exactly when it swaps the images.
-
-The reference below restates the official nlvr_encoder.py / blip_nlvr.py forward (blip_facts §5.4)
-on transformers' BLIP modules: the ViT is transformers' BlipVisionModel, each text layer's
-self-attention, first cross-attention, intermediate and output are transformers' BlipText modules;
-the second cross-attention is one more transformers BlipTextSelfAttention, dense1 / merge_layer /
-cls_head are torch Linear layers. Nothing from blip_jax but the file it is saved to.
+"""NLVR2's two-image model equals the official BLIP_NLVR (salesforce/BLIP's blip_nlvr.py and
+nlvr_encoder.py, tests/official_code.py) on its own weights, official checkpoints load with nothing
+unexplained, a pretraining checkpoint starts both image branches, and the swap augmentation swaps
+the words exactly when it swaps the images.
 """
 import json
 import os
@@ -14,87 +9,35 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers.models.blip.modeling_blip_text import BlipTextSelfAttention
 
 import blip_jax
+import official_side as S
 from blip_jax.checkpoints import mapping
 from blip_jax.checkpoints.convert import to_state_dict
 from conftest import COCO
-from hf_ref import make_hf, parity_reinit
-from official_ref import official_state_dict, read_keys, shared_pair
+from official_ref import official_state_dict, shared_pair
 
 TOL = 1e-4
-FUSION = 2  # the tiny text tower has 4 layers: 0-1 average the two images, 2-3 merge them
-
-
-class OfficialNLVR(torch.nn.Module):
-  def __init__(self, seed: int = 3):
-    super().__init__()
-    ret = make_hf("retrieval", 1e-6, seed=seed)
-    self.vision, self.text = ret.vision_model, ret.text_encoder
-    tc = ret.config.text_config
-    d, n = tc.hidden_size, tc.num_hidden_layers
-    self.self1 = torch.nn.ModuleList([BlipTextSelfAttention(tc, is_cross_attention=True) for _ in range(n)])
-    self.dense1 = torch.nn.ModuleList([torch.nn.Linear(d, d) for _ in range(n)])
-    self.merge = torch.nn.ModuleDict({str(i): torch.nn.Linear(2 * d, d) for i in range(FUSION, n)})
-    self.cls_head = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.ReLU(), torch.nn.Linear(d, 2))
-    for m in (self.self1, self.dense1, self.merge, self.cls_head):
-      parity_reinit(m, seed + 1)
-    self.eval()
-
-  @torch.no_grad()
-  def forward(self, pixels0, pixels1, ids, mask):
-    to_t = lambda p: torch.tensor(np.asarray(p)).permute(0, 3, 1, 2)
-    e0 = self.vision(pixel_values=to_t(pixels0)).last_hidden_state
-    e1 = self.vision(pixel_values=to_t(pixels1)).last_hidden_state
-    ids = torch.tensor(np.asarray(ids), dtype=torch.long)
-    ids[:, 0] = 30523  # [ENC]
-    x = self.text.embeddings(input_ids=ids)
-    ext = (1.0 - torch.tensor(np.asarray(mask), dtype=torch.float32)[:, None, None, :]) * -10000.0
-    for i, layer in enumerate(self.text.encoder.layer):
-      a = layer.attention(x, attention_mask=ext)[0]
-      c0 = layer.crossattention.self(a, encoder_hidden_states=e0)[0]
-      c1 = self.self1[i](a, encoder_hidden_states=e1)[0]
-      d0, d1 = layer.crossattention.output.dense(c0), self.dense1[i](c1)
-      h = self.merge[str(i)](torch.cat([d0, d1], dim=-1)) if i >= FUSION else (d0 + d1) / 2
-      h = layer.crossattention.output.LayerNorm(h + a)
-      x = layer.output(layer.intermediate(h), h)
-    return self.cls_head(x[:, 0]).numpy()
-
-  def official_state_dict(self) -> dict:
-    """model_base_nlvr.pth's layout: visual_encoder.*, text_encoder.* with crossattention.self0/self1,
-    output.dense0/dense1 and output.merge_layer, cls_head.0 / cls_head.2."""
-    vis = {k: v for k, v in self.vision.state_dict().items()}
-    sd = {}
-    for key in read_keys("keys_official_retrieval.txt"):
-      if key.startswith("visual_encoder."):
-        sd[key] = vis[mapping.to_hf_key(key)[len("vision_model."):]].clone()
-    for k, v in self.text.state_dict().items():
-      k = "text_encoder." + k
-      k = k.replace(".crossattention.self.", ".crossattention.self0.").replace(
-          ".crossattention.output.dense.", ".crossattention.output.dense0.")
-      sd[k] = v.clone()
-    sd["text_encoder.embeddings.position_ids"] = torch.arange(self.text.config.max_position_embeddings)[None]
-    for i in range(len(self.self1)):
-      p = f"text_encoder.encoder.layer.{i}.crossattention."
-      for n, v in self.self1[i].state_dict().items():
-        sd[p + "self1." + n] = v.clone()
-      for n, v in self.dense1[i].state_dict().items():
-        sd[p + "output.dense1." + n] = v.clone()
-      if str(i) in self.merge:
-        for n, v in self.merge[str(i)].state_dict().items():
-          sd[p + "output.merge_layer." + n] = v.clone()
-    for n, v in self.cls_head.state_dict().items():
-      sd["cls_head." + n] = v.clone()
-    return sd
+DEPTH = 8  # the official merges the two images' cross-attention outputs from text layer 6 on
+FUSION = 6
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory):
-  ref = OfficialNLVR()
-  sd = ref.official_state_dict()
-  path = tmp_path_factory.mktemp("nlvr") / "model_base_nlvr.pth"
+def official(official_blip, tmp_path_factory):
+  """The official BLIP_NLVR at a small size (224 px, ViT and text 128 wide, 8 text layers: 0-5
+  average the two images, 6-7 merge them), weights redrawn so attention is far from uniform, its
+  state dict saved as model_base_nlvr.pth is."""
+  d = tmp_path_factory.mktemp("nlvr")
+  model = S.small_official(official_blip.blip_nlvr.BLIP_NLVR, d, depth=DEPTH, image_size=224, width=128,
+                           drop_path=0.0, seed=3).eval()
+  sd = model.state_dict()
+  path = d / "model_base_nlvr.pth"
   torch.save({"model": sd}, path)
+
+  @torch.no_grad()
+  def ref(pixels0, pixels1, sentences):  # the official forward: both images in one batch, its own tokenizer
+    images = torch.cat([S.nchw(np.asarray(pixels0)), S.nchw(np.asarray(pixels1))])
+    return model(images, sentences, torch.zeros(len(sentences), dtype=torch.long), train=False).numpy()
   return ref, sd, str(path)
 
 
@@ -102,21 +45,22 @@ def official(tmp_path_factory):
 def inputs(coco, vocab_path):
   tok = blip_jax.BertTokenizer(vocab_path)
   pix = blip_jax.preprocess.preprocess([c[0] for c in coco[:4]], 224)
-  ids, mask = tok(["the left image shows exactly two laptops and a boy", "a dog"], max_length=16)
+  sentences = ["the left image shows exactly two laptops and a boy", "a dog"]
+  ids, mask = tok(sentences, max_length=16)
   assert mask[1].sum() < mask[0].sum()  # one row padded
-  return pix[:2], pix[2:], ids, mask
+  return pix[:2], pix[2:], ids, mask, sentences
 
 
 def test_logits_equal_the_official_model(official, inputs):
   ref, _, path = official
   model = blip_jax.load(path)
   assert (model.config.kind, model.config.fusion_layer) == ("nlvr", FUSION)
-  p0, p1, ids, mask = inputs
-  want, got = ref(p0, p1, ids, mask), np.asarray(model.nlvr_logits(p0, p1, ids, mask))
+  p0, p1, ids, mask, sentences = inputs
+  want, got = ref(p0, p1, sentences), np.asarray(model.nlvr_logits(p0, p1, ids, mask))
   assert np.abs(got - want).max() <= TOL, np.abs(got - want).max()
   # the pair's order matters (each image has its own cross-attention weights): swapped, the
   # reference moves far more than the tolerance, and ours still equals it
-  want_swapped = ref(p1, p0, ids, mask)
+  want_swapped = ref(p1, p0, sentences)
   assert np.abs(want_swapped - want).max() > 100 * TOL
   assert np.abs(np.asarray(model.nlvr_logits(p1, p0, ids, mask)) - want_swapped).max() <= TOL
   assert np.abs(p0 - p1).max() > 1.0  # the two images differ
@@ -140,7 +84,7 @@ def test_official_checkpoint_loads_exactly_and_round_trips(official, tmp_path):
 
 def test_a_layer_without_its_merge_weights_fails_loudly(official, tmp_path):
   _, sd, _ = official
-  bad = {k: v for k, v in sd.items() if ".layer.3.crossattention.output.merge_layer." not in k}
+  bad = {k: v for k, v in sd.items() if ".layer.7.crossattention.output.merge_layer." not in k}
   torch.save({"model": bad}, tmp_path / "bad.pth")
   with pytest.raises(Exception, match="merge_layer"):
     blip_jax.load(str(tmp_path / "bad.pth"))
@@ -159,7 +103,8 @@ def test_pretraining_checkpoint_starts_both_branches(tmp_path, vocab_path):
   model = blip_jax.load(str(tmp_path / "model_base.pth"), kind="nlvr")
   assert model.config.kind == "nlvr" and model.config.fusion_layer == 6  # 4 layers: none merges
   pre = blip_jax.load(str(tmp_path / "model_base.pth"))
-  fresh = jax.tree.map(np.asarray, init_params(pre.config.replace(kind="nlvr", fusion_layer=FUSION)))
+  fusion = 2  # this 4-layer model: 0-1 average the two images, 2-3 merge them
+  fresh = jax.tree.map(np.asarray, init_params(pre.config.replace(kind="nlvr", fusion_layer=fusion)))
   ours, _ = retarget(jax.tree.map(np.asarray, pre.params), {}, "pretrain", "nlvr", fresh)
   for i in range(4):
     k = f"text_encoder.encoder.layer.{i}.crossattention."
@@ -173,7 +118,7 @@ def test_pretraining_checkpoint_starts_both_branches(tmp_path, vocab_path):
         np.testing.assert_array_equal(np.asarray(ca[f"out{j}"]["kernel"]), sd[k + "output.dense.weight"].numpy().T)
         np.testing.assert_array_equal(np.asarray(ca[f"out{j}"]["bias"]), sd[k + "output.dense.bias"].numpy())
     # the merge layers exist nowhere in a pretraining model: fresh ones
-    assert ("merge" in ours["text_encoder"][f"layer_{i}"]["cross_attn"]) == (i >= FUSION)
+    assert ("merge" in ours["text_encoder"][f"layer_{i}"]["cross_attn"]) == (i >= fusion)
   np.testing.assert_array_equal(ours["text_encoder"]["layer_3"]["cross_attn"]["merge"]["kernel"],
                                 fresh["text_encoder"]["layer_3"]["cross_attn"]["merge"]["kernel"])
   assert jax.tree.structure(ours) == jax.tree.structure(fresh)

@@ -1,5 +1,6 @@
 """Our model equals transformers' PyTorch BLIP (== official BLIP, parity_notes.md) on the same
-weights and inputs: fp32 max |diff| <= 1e-4, for vision LayerNorm eps 1e-5 (HF) and 1e-6 (official)."""
+weights and inputs: fp32 max |diff| <= 1e-4, for vision LayerNorm eps 1e-5 (HF) and 1e-6 (official);
+and the ITC / ITM heads equal the official blip_itm.py BLIP_ITM (tests/official_code.py) itself."""
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 import blip_jax
 from blip_jax.tokenizers import BertTokenizer, pre_caption
 from hf_ref import make_hf
+import official_side as S
 
 TOL = 1e-4
 
@@ -120,3 +122,33 @@ def test_vqa_answer_logits(models, inputs, vocab_path):
       ref = hf.text_decoder(input_ids=t(a_dec), attention_mask=t(a_mask[i:i + 1]),
                             encoder_hidden_states=q).logits
     assert maxdiff(got[i:i + 1], ref) <= TOL
+
+
+def test_itc_and_itm_heads_equal_official_blip_itm(official_blip, coco, tmp_path, vocab_path):
+  """BLIP_ITM (official blip_itm.py, 64 px, 128 wide, weights redrawn) saved as a .pth and loaded by
+  ours: its 'itc' head (the cosine matrix) equals ours; its modules run as the official retrieval
+  training and evaluation run ITM ([ENC] first) equal our ITM logits. Its own 'itm' head keeps
+  [CLS] first (a quirk of blip_itm.py, README "Deliberate differences"): ours differs from that."""
+  model = S.small_official(official_blip.blip_itm.BLIP_ITM, tmp_path, image_size=64, width=128, seed=7).eval()
+  torch.save({"model": model.state_dict()}, tmp_path / "itm.pth")
+  ours = blip_jax.load(str(tmp_path / "itm.pth"), vocab=vocab_path)
+  paths = [c[0] for c in coco[:3]]
+  texts = [pre_caption(coco[0][1][0], 30), pre_caption(coco[1][1][2], 30), "a dog"]
+  pixels = ours.preprocess(paths)
+  ids, mask = ours.tokenizer(texts, max_length=35)
+  image = S.nchw(pixels)
+  with torch.no_grad():
+    cos = model(image, texts, match_head="itc").numpy()
+    itm_cls = model(image, texts, match_head="itm").numpy()
+    enc = model.tokenizer(texts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    enc.input_ids[:, 0] = model.tokenizer.enc_token_id
+    embeds = model.visual_encoder(image)
+    states = model.text_encoder(enc.input_ids, attention_mask=enc.attention_mask, encoder_hidden_states=embeds,
+                                encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long)).last_hidden_state
+    itm_enc = model.itm_head(states[:, 0]).numpy()
+  got_cos = np.asarray(ours.image_feat(pixels)) @ np.asarray(ours.text_feat(ids, mask)).T
+  assert maxdiff(got_cos, cos) <= TOL
+  assert np.abs(cos - np.diag(np.diag(cos))).max() > 1e-2  # a matrix, not a diagonal of ones
+  got_itm = ours.itm_logits(pixels, ids, mask)
+  assert maxdiff(got_itm, itm_enc) <= TOL
+  assert maxdiff(got_itm, itm_cls) > 100 * TOL  # blip_itm.py's [CLS] quirk is not ours

@@ -170,7 +170,8 @@ def load_state_dict(sd: dict, cfg: BlipConfig, layout: str = "official", *, stri
   """
   from blip_jax.models.init import momentum_shapes
   table = mapping.official_table(cfg) if layout == "official" else mapping.hf_table(cfg, keep_temp=True)
-  optional = {("temp",): 0.07} if (layout == "hf" and cfg.has_itc) else {}
+  # no `temp` in an HF retrieval model, nor in official blip_itm.py's BLIP_ITM: the official init
+  optional = {("temp",): 0.07} if (cfg.kind == "retrieval" or (layout == "hf" and cfg.has_itc)) else {}
   params, used = params_from_state_dict(sd, table, _expected_shapes(cfg), strict=strict,
                                         optional=optional, progress=progress)
   extras = {}

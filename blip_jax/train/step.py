@@ -50,6 +50,28 @@ def momentum_view(params: dict) -> dict:
   return {**{k: params[k] for k in MOMENTUM_TOWERS}, "text_encoder": encoder_view(params)}
 
 
+NO_IMAGE = -100  # the image id of a queue entry no batch has written yet (official idx_queue init)
+
+
+def official_buffers(buffers: dict, kind: str, queue_size: int, embed_dim: int) -> dict:
+  """The train-state entries that a checkpoint's training buffers restore, as the official
+  load_checkpoint does: each buffer the target model has under the same name and shape
+  (pretraining: image_queue, text_queue, queue_ptr; retrieval: the queues, idx_queue, ptr_queue).
+  A retrieval run started from a pretraining file takes its queues and starts its pointer at 0; a
+  checkpoint of the same kind continues where it was. Queues (D, Q) -> [Q, D]; ids -> split_ids."""
+  pointer = {"pretrain": "queue_ptr", "retrieval": "ptr_queue"}.get(kind)
+  queue = lambda k: k in buffers and tuple(buffers[k].shape) == (embed_dim, queue_size)
+  if pointer is None or not (queue("image_queue") and queue("text_queue")):
+    return {}
+  out = {"image_queue": np.asarray(buffers["image_queue"], np.float32).T,
+         "text_queue": np.asarray(buffers["text_queue"], np.float32).T}
+  if pointer in buffers and 0 <= int(buffers[pointer].reshape(-1)[0]) < queue_size:
+    out["queue_ptr"] = np.int32(buffers[pointer].reshape(-1)[0])
+  if kind == "retrieval" and tuple(np.shape(buffers.get("idx_queue"))) == (1, queue_size):
+    out["idx_queue"] = split_ids(buffers["idx_queue"][0])
+  return out
+
+
 def split_ids(image_ids) -> np.ndarray:
   """int64 image ids [B] -> int32 [B, 2] (high, low halves), the form the step compares: a jitted
   step without x64 would truncate int64 to int32, and hashed TFRecord keys use 62 bits."""
@@ -93,7 +115,7 @@ def init_state(cfg: BlipConfig, tx: optax.GradientTransformation, loss_cfg: Loss
     state.update({
         "momentum": momentum_view(params),  # jit outputs them as their own buffers
         "image_queue": norm(qi), "text_queue": norm(qt),
-        "idx_queue": jnp.full((q, 2), -100, jnp.int32),  # image ids as split_ids pairs
+        "idx_queue": jnp.asarray(split_ids(np.full(q, NO_IMAGE))),  # image ids as split_ids pairs
         "queue_ptr": jnp.zeros((), jnp.int32),
     })
   return state if boxed else nn.meta.unbox(state)

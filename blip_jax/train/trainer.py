@@ -584,9 +584,9 @@ def _initialise_from(c, mcfg, state, shardings):
   new["params"] = params
   if "momentum" in state:
     new["momentum"] = extras.get("momentum") or jax.tree.map(np.copy, momentum_view(params))
-  buf = extras.get("buffers", {})
-  if "image_queue" in buf and "image_queue" in state and buf["image_queue"].shape[1] == state["image_queue"].shape[0]:
-    new["image_queue"], new["text_queue"] = buf["image_queue"].T, buf["text_queue"].T  # (256, Q) -> (Q, 256)
+  if "image_queue" in state:
+    from blip_jax.train.step import official_buffers
+    new.update(official_buffers(extras.get("buffers", {}), mcfg.kind, *state["image_queue"].shape))
   new["opt_state"] = state["opt_state"]
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), new, shardings)
 
