@@ -85,11 +85,16 @@ def test_metrics_equal_cocoevalcap_and_gt_files_agree(split, monkeypatch):
 
   from blip_jax.metrics.caption import spice_jars
   assert not all(os.path.exists(j) for j in spice_jars()), "this test checks a machine without the CoreNLP jars"
+  # candidates in an order of descending ids: per-image scores must follow the ids, not a sorted
+  # order (pycocoevalcap returns them in the order of the dict it is given)
+  mixed = dict(sorted(mixed.items(), reverse=True))
+  assert list(mixed) != sorted(mixed)
   ours = score_captions(from_json.references, mixed, spice="auto")
   ref = direct_cocoevalcap(str(d / "gt.json"), mixed, monkeypatch)
   for name in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"):
-    assert ours["metrics"][name] == ref.eval[name], name
-    for i in mixed:  # every image's score, not only the mean
+    # the mean: COCOEvalCap sums in its file's order, ours in the candidates' (the last bit may differ)
+    assert ours["metrics"][name] == pytest.approx(ref.eval[name], rel=1e-12, abs=0), name
+    for i in mixed:  # every image's score, not only the mean: exactly
       assert ours["per_image"][name][i] == ref.imgToEval[i][name], (name, i)
   # SPICE without its jars: reported as skipped, naming them, the other metrics computed
   assert "SPICE" not in ours["metrics"] and "stanford-corenlp-3.6.0" in ours["skipped"]["SPICE"]

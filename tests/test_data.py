@@ -91,6 +91,35 @@ def test_resume_mid_epoch_is_identical(small_json, tok):
   assert resumed.epoch == 1
 
 
+def test_two_hosts_resume_each_at_its_own_position(tmp_path, tok):
+  """Each host's input state is its own: hosts skip different numbers of bad examples, so their
+  positions differ, and a host restored from its state yields exactly its uninterrupted batches
+  (a pipeline that resumed every host at one shared or global position would not). 2 hosts, 24
+  examples of which 4 have empty captions, batches of 3; states saved after 2 batches."""
+  imgs = sorted(os.listdir(os.path.join(COCO, "images")))[:24]
+  entries = [{"image": f"images/{f}", "caption": f"a photo number {i}"} for i, f in enumerate(imgs)]
+  for i in (1, 3, 5, 9):
+    entries[i]["caption"] = " ... "  # empty after pre_caption: skipped
+  (tmp_path / "a.json").write_text(json.dumps(entries))
+  src = D.JsonSource(str(tmp_path / "a.json"), COCO)
+  pipe = lambda h: D.InputPipeline(src, tok, dict(batch_size=3, image_size=16, randaug=False),
+                                   process_index=h, process_count=2)
+  states, seen = [], []
+  for h in range(2):
+    straight = collect(pipe(h), 4)
+    p = pipe(h)
+    collect(p, 2)
+    state = json.loads(json.dumps(p.state()))  # as it travels in checkpoint metadata
+    resumed = pipe(h)
+    resumed.restore(state)
+    for a, b in zip(straight[2:], collect(resumed, 2)):
+      _same(a, b)
+    states.append(state)
+    seen.append({int(i) for b in straight[:2] for i in b["index"]})
+  assert states[0]["position"] != states[1]["position"], states  # the hosts skipped different numbers
+  assert not seen[0] & seen[1]  # and read different examples
+
+
 def test_tfrecord_shards_from_make_shards(small_json, tok, tmp_path):
   from blip_jax.data.shards import make_shards
   stats = make_shards([small_json], COCO, str(tmp_path / "shards"), per_shard=25, workers=2, progress=False)

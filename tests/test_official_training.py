@@ -110,8 +110,7 @@ class Ours:
     self.c, self.tok = c, tok
     self.cfg = trainer.model_config(c, tok)
     self.mesh = trainer.make_mesh(c, jax.devices()[:1])
-    prompt = c.data.pipeline.prompt
-    self.prompt_length = 1 + len(tok.encode(prompt)) if prompt else 0  # as trainer.train
+    self.prompt_length = trainer.prompt_length(c, tok)
     self.step_fn, init_fn, shardings, self.batch_sharding, _ = trainer.build(
         c, self.cfg, self.mesh, steps_per_epoch, c.epochs * steps_per_epoch, self.prompt_length)
     with jax.set_mesh(self.mesh):

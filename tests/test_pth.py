@@ -108,6 +108,27 @@ def test_crafted_pickles_never_run(tmp_path, zip_format, payload):
       torch.load(path, weights_only=True)
 
 
+DANGEROUS = ("getattr", "setattr", "delattr", "eval", "exec", "__import__", "globals", "locals", "vars", "open",
+             "compile", "input", "breakpoint", "type", "object", "super", "memoryview", "print", "help", "exit")
+
+
+@pytest.mark.parametrize("name", DANGEROUS)
+def test_each_dangerous_builtin_is_refused_on_its_own(tmp_path, name):
+  """A pickle whose only other global is allowed (OrderedDict): builtins.NAME(OrderedDict, '__init__').
+  The refusal must name NAME itself; if NAME were allowed, the pickle would load (or fail some
+  other way) and the test would fail. getattr reaches __globals__ from any allowed callable."""
+  import pickletools
+  body = (b"\x80\x02cbuiltins\n" + name.encode() + b"\nccollections\nOrderedDict\n"
+          b"X\x08\x00\x00\x00__init__\x86R.")
+  globals_named = [arg for op, arg, _ in pickletools.genops(body) if op.name == "GLOBAL"]
+  assert globals_named == [f"builtins {name}", "collections OrderedDict"]
+  assert ("collections", "OrderedDict") in pth._GLOBALS  # the other global is one the reader allows
+  path = tmp_path / "gadget.pth"
+  path.write_bytes(body)
+  with pytest.raises(pth.UnsafePickleError, match=f"refused global builtins.{name}:"):
+    pth.load(str(path))
+
+
 def test_truncated_and_corrupt_files_are_refused(tmp_path):
   path = tmp_path / "good.pth"
   torch.save({"model": {"w": torch.randn(64, 64)}}, path)

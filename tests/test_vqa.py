@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import blip_jax
-from blip_jax.metrics.vqa import question_accuracy, vqa_accuracy
+from blip_jax.metrics.vqa import exact_match, question_accuracy, vqa_accuracy
 from blip_jax.tokenizers import pre_question
 from conftest import COCO
 from hf_ref import make_hf
@@ -153,6 +153,11 @@ def test_vqa_accuracy_by_hand():
   assert r["questions"] == 3 and r["overall"] == pytest.approx(100 * (1 + 9 / 30 + 0) / 3)
   assert r["perAnswerType"] == pytest.approx({"number": 100 * (1 + 9 / 30) / 2, "yes/no": 0.0})
   assert r["exact_match"] == 100.0 and r["exact_match_questions"] == 1  # 'Dog.' -> 'dog'
+  # the reference is normalised as the prediction is: punctuation, case, articles, number words
+  assert exact_match("dog", "The Dog.") == 1.0 and exact_match("2", "two") == 1.0
+  assert exact_match("dog", "cat") == 0.0
+  r = vqa_accuracy({5: "dog", 6: "2"}, {5: ["A dog!"], 6: ["Two"]})
+  assert r["exact_match"] == 100.0 and r["exact_match_questions"] == 2
 
 
 def test_question_padding_is_masked_in_every_answer_path(vqa):

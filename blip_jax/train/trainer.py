@@ -98,6 +98,13 @@ def check_batch(c, mesh, processes: int | None = None):
     raise ConfigError("; ".join(problems))
 
 
+def prompt_length(c, tok) -> int:
+  """The leading text tokens that are not LM targets: [DEC] and the caption prompt's tokens
+  (official BLIP_Decoder: len(tokenize(prompt)) - 1)."""
+  prompt = c.data.pipeline.prompt
+  return 1 + len(tok.encode(prompt)) if prompt else 0
+
+
 def build(c, mcfg, mesh, steps_per_epoch: int, total_steps: int, prompt_length: int = 0):
   """(step_fn, init_fn, state_shardings, batch_sharding, loss_cfg) for a config on a mesh.
   prompt_length: leading text tokens that are not LM targets ([DEC] + the caption prompt)."""
@@ -247,10 +254,8 @@ def train(c, workdir: str, final_model: str | None = None):
     raise ConfigError("a streaming source needs steps_per_epoch in the config")
   total_steps = c.total_steps if c.total_steps > 0 else c.epochs * steps_per_epoch
 
-  prompt = c.data.pipeline.prompt
-  prompt_length = 1 + len(tok.encode(prompt)) if prompt else 0  # official: len(tokenize(prompt)) - 1
   step_fn, init_fn, shardings, batch_sharding, loss_cfg = build(c, mcfg, mesh, steps_per_epoch, total_steps,
-                                                                prompt_length)
+                                                                prompt_length(c, tok))
 
   mngr = _checkpoint_manager(workdir, c.keep_checkpoints)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
