@@ -88,12 +88,7 @@ def small(c, **over):
   c.model.text.update(width=S.WIDTH, depth=S.DEPTH, heads=S.HEADS, mlp_dim=2 * S.WIDTH, vocab_size=30524,
                       max_positions=64, dropout=0.0)
   c.tokenizer.update(type="bert", vocab="")
-  for k, v in over.items():
-    node = c
-    *path, last = k.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = v
+  c.update_from_flattened_dict(over)
   c.lock()
   return c
 
