@@ -167,7 +167,9 @@ def test_api_generate(models, vocab_path):
 OFFICIAL_CASES = {
     "coco-beam3": dict(num_beams=3, max_length=16, min_length=5),
     "beam3-rep1.1-lp0.6": dict(num_beams=3, max_length=12, min_length=5, repetition_penalty=1.1, length_penalty=0.6),
-    "beam4-lp2-early": dict(num_beams=4, max_length=12, min_length=3, length_penalty=2.0, early_stopping=True),
+    # early stopping that matters: on 3 of the 4 images K hypotheses are done while a live beam could
+    # still beat the worst (asserted below), so a beam search that ignored the setting would differ
+    "beam3-lp2-early": dict(num_beams=3, max_length=16, min_length=3, length_penalty=2.0, early_stopping=True),
 }
 
 
@@ -195,10 +197,15 @@ def test_official_beam_search_equals_a_plain_415_loop(models, case):
                             length_normalization="official", **kw)
   with torch.no_grad():
     embeds = hf.vision_model(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2))[0]
+  early_matters = []
   for i in range(4):
     ref, ref_score = beam_search_415(hf_next_logits(hf, embeds[i:i + 1]), prompt, **kw)
     assert until_sep(got[i]) == ref, (i, until_sep(got[i]), ref)
     np.testing.assert_allclose(float(scores[i]), ref_score, rtol=1e-4, atol=1e-5)
+    if kw.get("early_stopping"):
+      early_matters.append((ref, ref_score) != beam_search_415(hf_next_logits(hf, embeds[i:i + 1]), prompt,
+                                                               **{**kw, "early_stopping": False}))
+  assert not kw.get("early_stopping") or any(early_matters), "no image where early stopping changes the result"
   other, _ = beam_search(ours.config, ours.params, memory, np.array([prompt] * 4, np.int32),
                          length_normalization="transformers", **kw)
   DIFFERS[case] = [until_sep(a) != until_sep(b) for a, b in zip(np.asarray(got), np.asarray(other))]
