@@ -5,6 +5,7 @@ state dict with our train state. Shares no code with blip_jax's step, losses or 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -14,8 +15,8 @@ import torch
 
 from conftest import COCO
 
-# One small size for every task: heads of 64 wide (the loaders read heads off the width), 2
-# layers (NLVR2 needs 8: its merge layers start at layer 6), a 32 px image of 2x2 patches.
+# One small size for the training runs: 64 wide with 2 heads of 32 (the training config names its
+# heads), 2 layers (NLVR2 needs 8: its merge layers start at layer 6), a 32 px image of 2x2 patches.
 WIDTH, DEPTH, HEADS, IMAGE = 64, 2, 2, 32
 
 
@@ -77,10 +78,15 @@ def save_pth(model, path) -> str:
 
 
 # ---- data -------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _val_captions() -> tuple:
+  with open(os.path.join(COCO, "captions_karpathy_val.json")) as f:
+    return tuple(c for a in json.load(f) for c in a["caption"])
+
+
 def coco_captions(n: int, seed: int) -> list[str]:
   """n real COCO captions, pre_caption'd as the official datasets do (lower case, no '.')."""
-  with open(os.path.join(COCO, "captions_karpathy_val.json")) as f:
-    caps = [c for a in json.load(f) for c in a["caption"]]
+  caps = _val_captions()  # read once: every step of every run draws from it
   r = np.random.RandomState(seed)
   out = []
   for i in r.choice(len(caps), n, replace=False):

@@ -30,9 +30,8 @@ def official(official_blip, tmp_path_factory):
   d = tmp_path_factory.mktemp("nlvr")
   model = S.small_official(official_blip.blip_nlvr.BLIP_NLVR, d, depth=DEPTH, image_size=224, width=128,
                            drop_path=0.0, seed=3).eval()
+  path = S.save_pth(model, d / "model_base_nlvr.pth")
   sd = model.state_dict()
-  path = d / "model_base_nlvr.pth"
-  torch.save({"model": sd}, path)
 
   @torch.no_grad()
   def ref(pixels0, pixels1, sentences):  # the official forward: both images in one batch, its own tokenizer

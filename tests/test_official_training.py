@@ -51,11 +51,6 @@ REPORT: dict = {}  # per task: steps, worst loss / state differences (printed at
 
 
 @pytest.fixture(scope="module")
-def official(official_blip):
-  return official_blip
-
-
-@pytest.fixture(scope="module")
 def tok(vocab_path):
   return BertTokenizer(vocab_path)
 
@@ -67,7 +62,7 @@ def report():
     print(f"\n{task}: {r}")
 
 
-def official_yaml(official, name) -> dict:
+def official_yaml(official_blip, name) -> dict:
   """An official configs/*.yaml. The official scripts read it with ruamel (YAML 1.2: '1e-6' is a
   number); PyYAML (1.1) leaves such values strings, so numbers are parsed here."""
   def number(v):
@@ -75,7 +70,7 @@ def official_yaml(official, name) -> dict:
       return float(v) if isinstance(v, str) else v
     except ValueError:
       return v
-  with open(os.path.join(official.root, "blip", "configs", name)) as f:
+  with open(os.path.join(official_blip.root, "blip", "configs", name)) as f:
     return {k: number(v) for k, v in yaml.safe_load(f).items()}
 
 
@@ -102,7 +97,6 @@ class Ours:
     c.unlock()
     c.init.blip = str(pth)
     c.lock()
-    self.c, self.tok = c, tok
     self.cfg = trainer.model_config(c, tok)
     self.mesh = trainer.make_mesh(c, jax.devices()[:1])
     self.prompt_length = trainer.prompt_length(c, tok)
@@ -224,15 +218,15 @@ def side_by_side(task, ours: Ours, model, steps, batch_at, official_loss, names,
 
 
 # ---- pretraining -----------------------------------------------------------------------------------
-def test_pretraining_matches_official(official, tok, tmp_path):
+def test_pretraining_matches_official(official_blip, tok, tmp_path):
   """BLIP_Pretrain (ITC with momentum distillation over batch + queue, ITM on hard negatives, LM)
   and configs/pretrain.py:vit_b, 30 steps: 3 epochs of 10, a warm-up of 12 steps (cut at epoch 0's
   end, as pretrain.py does), the step decay per epoch, alpha ramped over 2 epochs, a queue of 3
   batches that wraps 10 times."""
   from configs.pretrain import get_config
-  y = official_yaml(official, "pretrain.yaml")
+  y = official_yaml(official_blip, "pretrain.yaml")
   b, q, spe, steps = 8, 24, 10, 30
-  model = S.small_official(official.blip_pretrain.BLIP_Pretrain, tmp_path, vocab_size=30522, seed=1, queue_size=q,
+  model = S.small_official(official_blip.blip_pretrain.BLIP_Pretrain, tmp_path, vocab_size=30522, seed=1, queue_size=q,
                            momentum=0.995)  # bert_config.json's vocab, resized by BLIP_Pretrain
   model.queue_ptr[0] = 8  # a checkpoint in mid-run: the queue continues where it was
   lr, warmup = 1e-3, 12
@@ -260,15 +254,15 @@ def test_pretraining_matches_official(official, tok, tmp_path):
 
 
 # ---- retrieval fine-tuning ----------------------------------------------------------------------------
-def test_retrieval_finetuning_matches_official(official, tok, tmp_path):
+def test_retrieval_finetuning_matches_official(official_blip, tok, tmp_path):
   """BLIP_Retrieval with negative_all_rank (configs/retrieval.py:coco): ITC positives by image id
   over batch + idx queue, every batch with repeated images (several captions of one image), hard
   negatives over the whole batch with same-image pairs excluded; alpha ramped over epoch 0, the
   cosine lr per epoch; 12 steps, 3 epochs of 4, a queue of 3 batches."""
   from configs.retrieval import get_config
-  y = official_yaml(official, "retrieval_coco.yaml")
+  y = official_yaml(official_blip, "retrieval_coco.yaml")
   b, q, spe, epochs, steps = 8, 24, 4, 3, 12
-  model = S.small_official(official.blip_retrieval.BLIP_Retrieval, tmp_path, seed=2, queue_size=q,
+  model = S.small_official(official_blip.blip_retrieval.BLIP_Retrieval, tmp_path, seed=2, queue_size=q,
                            negative_all_rank=y["negative_all_rank"])
   # a retrieval checkpoint in mid-run (as model_base_retrieval_coco.pth): the queue's image ids are
   # those of the images its features came from (here ids the batches reuse: positives) and the
@@ -298,13 +292,13 @@ def test_retrieval_finetuning_matches_official(official, tok, tmp_path):
 
 
 # ---- captioning, VQA, NLVR2 ---------------------------------------------------------------------------
-def test_caption_finetuning_matches_official(official, tok, tmp_path):
+def test_caption_finetuning_matches_official(official_blip, tok, tmp_path):
   """BLIP_Decoder.forward (configs/caption.py:coco): 'a picture of ' + caption, [DEC] first, the
   prompt's tokens and padding not targets, label smoothing 0.1; 10 steps, cosine lr per epoch."""
   from configs.caption import get_config
-  y = official_yaml(official, "caption_coco.yaml")
+  y = official_yaml(official_blip, "caption_coco.yaml")
   b, spe, epochs, steps = 8, 4, 3, 10
-  model = S.small_official(official.blip.BLIP_Decoder, tmp_path, seed=3, prompt=y["prompt"])
+  model = S.small_official(official_blip.blip.BLIP_Decoder, tmp_path, seed=3, prompt=y["prompt"])
   lr = 1e-3
   c = small(get_config("coco"), batch_size=b, epochs=epochs, **{"optim.lr": lr})
   ours = Ours(c, S.save_pth(model, tmp_path / "start.pth"), tok, spe)
@@ -320,14 +314,14 @@ def test_caption_finetuning_matches_official(official, tok, tmp_path):
                lr_at=lambda s: S.cosine_lr(s, spe, epochs, lr, y["min_lr"]), weight_decay=y["weight_decay"])
 
 
-def test_vqa_finetuning_matches_official(official, tok, tmp_path):
+def test_vqa_finetuning_matches_official(official_blip, tok, tmp_path):
   """BLIP_VQA.forward(train=True) (configs/vqa.py:vqav2): the question encoded against the image,
   each question's several answers decoded from its states, loss = sum(weight x summed token loss)
   / questions; 10 steps."""
   from configs.vqa import get_config
-  y = official_yaml(official, "vqa.yaml")
+  y = official_yaml(official_blip, "vqa.yaml")
   b, spe, epochs, steps, max_answers, answer_length = 4, 4, 3, 10, 10, 8
-  model = S.small_official(official.blip_vqa.BLIP_VQA, tmp_path, drop_path=0.0, seed=4)
+  model = S.small_official(official_blip.blip_vqa.BLIP_VQA, tmp_path, drop_path=0.0, seed=4)
   lr = 1e-3
   c = small(get_config("vqav2"), batch_size=b, epochs=epochs, **{"optim.lr": lr})
   ours = Ours(c, S.save_pth(model, tmp_path / "start.pth"), tok, spe)
@@ -361,14 +355,14 @@ def test_vqa_finetuning_matches_official(official, tok, tmp_path):
                lr_at=lambda s: S.cosine_lr(s, spe, epochs, lr, y["min_lr"]), weight_decay=y["weight_decay"])
 
 
-def test_nlvr_finetuning_matches_official(official, tok, tmp_path):
+def test_nlvr_finetuning_matches_official(official_blip, tok, tmp_path):
   """BLIP_NLVR.forward(train=True) (configs/nlvr.py:nlvr2): both images through the ViT, the
   sentence grounded in each by its own cross-attention, averaged in text layers 0-5 and merged
   from layer 6 on (8 text layers here, so both kinds run), the MLP head's cross-entropy; 10 steps."""
   from configs.nlvr import get_config
-  y = official_yaml(official, "nlvr.yaml")
+  y = official_yaml(official_blip, "nlvr.yaml")
   b, spe, epochs, steps, depth = 8, 4, 3, 10, 8
-  model = S.small_official(official.blip_nlvr.BLIP_NLVR, tmp_path, depth=depth, drop_path=0.0, seed=5)
+  model = S.small_official(official_blip.blip_nlvr.BLIP_NLVR, tmp_path, depth=depth, drop_path=0.0, seed=5)
   lr = 1e-3
   c = small(get_config("nlvr2"), batch_size=b, epochs=epochs, **{"optim.lr": lr, "model.text.depth": depth})
   ours = Ours(c, S.save_pth(model, tmp_path / "start.pth"), tok, spe)

@@ -130,8 +130,7 @@ def test_itc_and_itm_heads_equal_official_blip_itm(official_blip, coco, tmp_path
   training and evaluation run ITM ([ENC] first) equal our ITM logits. Its own 'itm' head keeps
   [CLS] first (a quirk of blip_itm.py, README "Deliberate differences"): ours differs from that."""
   model = S.small_official(official_blip.blip_itm.BLIP_ITM, tmp_path, image_size=64, width=128, seed=7).eval()
-  torch.save({"model": model.state_dict()}, tmp_path / "itm.pth")
-  ours = blip_jax.load(str(tmp_path / "itm.pth"), vocab=vocab_path)
+  ours = blip_jax.load(str(S.save_pth(model, tmp_path / "itm.pth")), vocab=vocab_path)
   paths = [c[0] for c in coco[:3]]
   texts = [pre_caption(coco[0][1][0], 30), pre_caption(coco[1][1][2], 30), "a dog"]
   pixels = ours.preprocess(paths)

@@ -20,7 +20,7 @@ from conftest import COCO
 from hf_ref import make_hf
 import official_side as S
 
-DEC, ENC, SEP, PAD = 30522, 30523, 102, 0
+ENC, SEP = 30523, 102
 K = 12
 
 
@@ -44,8 +44,7 @@ def official_vqa(official_blip, tmp_path_factory, vocab_path):
   of the six questions differently from the rest, so a mix-up of questions would show."""
   d = tmp_path_factory.mktemp("official_vqa")
   model = S.small_official(official_blip.blip_vqa.BLIP_VQA, d, image_size=64, width=128, drop_path=0.0, seed=13).eval()
-  torch.save({"model": model.state_dict()}, d / "model_vqa.pth")
-  return model, blip_jax.load(str(d / "model_vqa.pth"), vocab=vocab_path)
+  return model, blip_jax.load(str(S.save_pth(model, d / "model_vqa.pth")), vocab=vocab_path)
 
 
 def official_rank(model, pixels, questions, answers, k):

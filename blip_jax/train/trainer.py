@@ -565,7 +565,7 @@ def _initialise_from(c, mcfg, state, shardings):
     return state
   from blip_jax.checkpoints.init_from import load_bert_into, load_vit_into
   from blip_jax.checkpoints.retarget import fresh_where_shapes_differ, retarget
-  from blip_jax.train.step import momentum_view
+  from blip_jax.train.step import momentum_view, official_buffers
   params = jax.tree.map(np.asarray, jax.device_get(state["params"]))
   extras = {}
   if init.blip:
@@ -590,7 +590,6 @@ def _initialise_from(c, mcfg, state, shardings):
   if "momentum" in state:
     new["momentum"] = extras.get("momentum") or jax.tree.map(np.copy, momentum_view(params))
   if "image_queue" in state:
-    from blip_jax.train.step import official_buffers
     new.update(official_buffers(extras.get("buffers", {}), mcfg.kind, *state["image_queue"].shape))
   new["opt_state"] = state["opt_state"]
   return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), new, shardings)
