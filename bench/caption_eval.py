@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 
-
 ap = argparse.ArgumentParser()
 ap.add_argument("--images", type=int, default=16, help="COCO-mini test images to caption")
 ap.add_argument("--batch", type=int, default=8)
@@ -27,6 +26,7 @@ ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses 
 A = ap.parse_args()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench_util import COCO, ROOT, hf_blip  # noqa: E402
+
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
@@ -42,8 +42,9 @@ PROMPT_IDS = [1037, 3861, 1997]  # "a picture of"
 
 
 def main():
-  from blip_jax.metrics.caption import score_captions
   import contextlib
+
+  from blip_jax.metrics.caption import score_captions
   entries = json.load(open(os.path.join(COCO, "captions_karpathy_test.json")))[:A.images]
   with tempfile.TemporaryDirectory() as d:
     ann = os.path.join(d, "ann.json")

@@ -89,7 +89,7 @@ def run_ours(files, repeat, cores, q):
   os.environ["BLIP_TF_INTER_THREADS"] = str(cores)
   import tensorflow as tf
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-  import blip_jax.data  # noqa: F401  (TF threading)
+  import blip_jax.data.tf_setup  # noqa: F401  (TF threading)
   from blip_jax.data import transforms as T
   FN = T.decode_train
   data = tf.constant([open(f, "rb").read() for f in files])

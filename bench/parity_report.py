@@ -8,9 +8,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import blip_jax  # noqa: E402
 from conftest import COCO  # noqa: E402
 from hf_ref import make_hf  # noqa: E402
+
+import blip_jax  # noqa: E402
 
 
 def t(x):

@@ -33,8 +33,9 @@ def main():
   sys.path.insert(0, a.libtpu)
   sys.path.insert(0, ROOT)
   import ml_collections
-  from configs.pretrain import get_config
+
   from blip_jax.train import aot
+  from configs.pretrain import get_config
   rows, reports = [], []
   for run in a.runs:
     variant, topology, over = parse_run(run)

@@ -46,10 +46,11 @@ def batch_np(s):
 def ours(s):
   import jax
   from jax.sharding import Mesh
-  from configs.pretrain import get_config
+
   from blip_jax.data.device import global_batch
-  from blip_jax.train.trainer import build, model_config
+  from blip_jax.train.setup import build, model_config
   from blip_jax.train.step import split_ids
+  from configs.pretrain import get_config
   c = get_config("vit_b")
   c.unlock()
   c.model.vit, c.model.image_size, c.model.dtype = "", s["image"], A.dtype
@@ -82,6 +83,7 @@ def ours(s):
 
 def torch_step(s):
   import copy
+
   import torch
   import torch.nn.functional as F
   from transformers import BlipTextConfig, BlipVisionConfig

@@ -29,11 +29,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import torch  # noqa: E402
+from retrieval_ref import itm_eval, official_retrieval_eval  # noqa: E402
 from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval  # noqa: E402
 
 import blip_jax  # noqa: E402
 from blip_jax.tasks import retrieval as R  # noqa: E402
-from retrieval_ref import itm_eval, official_retrieval_eval  # noqa: E402
 
 torch.set_num_threads(A.threads)
 SIZES = {

@@ -33,6 +33,7 @@ ap.add_argument("--threads", type=int, default=2, help="torch threads (XLA uses 
 A = ap.parse_args()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from bench_util import COCO, ROOT, hf_blip  # noqa: E402
+
 sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402

@@ -22,11 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from blip_jax import losses, preprocess as _pre
-from blip_jax.checkpoints import convert, native
+from blip_jax import fs, losses
+from blip_jax import preprocess as _pre
+from blip_jax.checkpoints import convert, hub, native
 from blip_jax.checkpoints.torch_io import CheckpointError
+from blip_jax.models import answer as ans
+from blip_jax.models import generate as gen
 from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
+from blip_jax.tokenizers import BertTokenizer, check_compatible, load_tokenizer_dir, pre_question
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -67,7 +71,6 @@ class BlipModel:
     self.extras = extras or {}
     self.tokenizer = tokenizer
     if tokenizer is not None:
-      from blip_jax.tokenizers import check_compatible
       check_compatible(tokenizer, config.text)
 
   def _require(self, what: str, ok: bool):
@@ -134,8 +137,6 @@ class BlipModel:
     answer_list.json): the official two-step rank with the top k; without: beam search
     (num_beams, max_length and min_length count [DEC]; num_beams=1 is greedy). Questions go
     through pre_question and are padded to 35 tokens."""
-    from blip_jax.models import answer as ans
-    from blip_jax.tokenizers import pre_question
     self._require("answer decoder", self.config.kind == "vqa")
     if self.tokenizer is None:
       raise ValueError("answering needs a tokenizer: pass vocab=PATH to load()")
@@ -196,7 +197,6 @@ class BlipModel:
                            temperature: float = 1.0, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
                            num_captions: int = 1, seed: int = 0, length_normalization: str = "official"):
     """`generate` on image tokens already encoded (encode_image): the decoding half."""
-    from blip_jax.models import generate as gen
     self._require("decoder", self.config.kind in ("pretrain", "caption"))
     if self.tokenizer is None:
       raise ValueError("generate needs a tokenizer: pass vocab=PATH to load()")
@@ -248,6 +248,20 @@ class BlipModel:
 _FN_CACHE: dict = {}
 
 
+def require(model: BlipModel, use: str, *, kinds: tuple = (), itc: bool = False, hint: str = "",
+            name: str = "") -> None:
+  """The one check of a model against what a use needs (every command and evaluation calls it): the
+  ITC projections and ITM head, one of `kinds`, and a tokenizer. A ValueError names what is missing
+  and what would do (`hint`)."""
+  kind = model.config.kind
+  if itc and not model.config.has_itc:
+    raise ValueError(f"a {kind!r} model has no ITC projections and ITM head; {use} needs {hint}")
+  if kinds and kind not in kinds:
+    raise ValueError(f"{name or 'the checkpoint'} is a {kind} model; {use} needs {hint}")
+  if model.tokenizer is None:
+    raise ValueError("the checkpoint has no tokenizer: pass --vocab path/to/vocab.txt")
+
+
 def _apply_fn(cfg, fn, params, *args):
   """jit of an ad-hoc composition of methods, cached by its code object (one compile per shape)."""
   key = (cfg, fn.__code__)
@@ -282,9 +296,6 @@ def load(path: str, *, kind: Optional[str] = None, image_size: Optional[int] = N
   vocab:      a bert-base-uncased vocab.txt for the tokenizer, when the checkpoint has none.
   strict:     False allows missing / mis-shaped keys (those params are then absent).
   """
-  from blip_jax import fs
-  from blip_jax.checkpoints import hub
-  from blip_jax.tokenizers import BertTokenizer, load_tokenizer_dir
   if fs.is_url(path):
     name = None
     if not native.is_native_dir(path):  # ours reads URLs itself (Orbax)

@@ -19,15 +19,23 @@ At the end WORKDIR/summary.json and summary.png hold the table that is printed.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import time
 
 import jax
 import numpy as np
+from PIL import Image, ImageDraw
 
-from blip_jax import fs
-from blip_jax.train.launch import sync_hosts
+import blip_jax
+from blip_jax import capfilt, fs
+from blip_jax.data.annotations import read_entries
+from blip_jax.data.sources import synthetic_example
+from blip_jax.distributed import sync_hosts
+from blip_jax.tasks import caption as C
+from blip_jax.tasks import retrieval as R
+from blip_jax.train.trainer import train
 
 DONE = "DONE.json"
 STAGES = ("0_data", "1_pretrain", "2_captioner", "2_filter", "3_capfilt", "4_pretrain", "5_eval")
@@ -63,7 +71,6 @@ def synthetic_data(d: str, cfg) -> dict:
   caption; labels in noise_labels.json), clean_train.json, clean_val.json and heldout.json (the
   last two Karpathy-style, one caption per image, held-out captions all distinct). image_id: one
   per distinct true caption (images that nothing can tell apart are positives for each other)."""
-  from blip_jax.data.sources import synthetic_example
   img_dir = fs.join(d, "images")
   fs.makedirs(img_dir)
   groups: dict = {}
@@ -103,7 +110,7 @@ def synthetic_data(d: str, cfg) -> dict:
       r["caption"] = true_caps[j]
     labels.append({"image": r["image"], "caption": r["caption"], "noisy": i in noisy_idx,
                    "true_caption": true_caps[i]})
-  karpathy = lambda rows: [{"image": r["image"], "caption": [r["caption"]]} for r in rows]  # noqa: E731
+  karpathy = lambda rows: [{"image": r["image"], "caption": [r["caption"]]} for r in rows]
   files = {"noisy": fs.join(d, "noisy.json"), "clean_train": fs.join(d, "clean_train.json"),
            "clean_val": fs.join(d, "clean_val.json"), "heldout": fs.join(d, "heldout.json"),
            "noise_labels": fs.join(d, "noise_labels.json")}
@@ -117,7 +124,7 @@ def synthetic_data(d: str, cfg) -> dict:
                     "clean_val": cfg.clean_val, "heldout": len(held)}}
 
 
-def json_data(d: str, cfg) -> dict:
+def json_data(cfg) -> dict:
   """Your own data as BLIP JSON (the paper recipe: web pairs noisy, COCO + VG clean)."""
   for key in ("noisy", "clean_train", "clean_val", "heldout"):
     for path in getattr(cfg.json, key):
@@ -143,8 +150,7 @@ def _train_config(base_cfg, annotations, image_root, updates: dict):
   return c
 
 
-def _train(c, d: str, log) -> dict:
-  from blip_jax.train.trainer import train
+def _train(c, d: str) -> dict:
   final = fs.join(d, "final")
   result = train(c, fs.join(d, "run"), final_model=final)
   out = {"final_model": final, "steps": result["step"],
@@ -155,11 +161,11 @@ def _train(c, d: str, log) -> dict:
   return out
 
 
-def pretrain_stage(c, data: dict, annotations: list, d: str, log) -> dict:
+def pretrain_stage(c, data: dict, annotations: list, d: str) -> dict:
   pc = _train_config(c.pretrain, annotations, data["image_root"], {"eval.enabled": False})
-  out = _train(pc, d, log)
+  out = _train(pc, d)
   out["annotations"] = annotations
-  out["pairs"] = sum(len(fs.read_json(a)) for a in annotations)
+  out["pairs"] = len(read_entries(annotations))  # JSON or JSON lines, as training reads them
   return out
 
 
@@ -178,21 +184,19 @@ def _from_stage1(c_task, stage1: dict, pretrain_cfg) -> dict:
   return updates
 
 
-def finetune_stage(c, which: str, data: dict, stage1: dict, d: str, log) -> dict:
+def finetune_stage(c, which: str, data: dict, stage1: dict, d: str) -> dict:
   base_cfg = c.captioner if which == "captioner" else c.filter
   updates = _from_stage1(base_cfg, stage1, c.pretrain)
   updates.update({"eval.annotations.val": data["files"]["clean_val"], "eval.annotations.test": "",
                   "eval.image_root": data.get("eval_image_root", data["image_root"])})
   tc = _train_config(base_cfg, _as_list(data["files"]["clean_train"]), data["image_root"], updates)
-  out = _train(tc, d, log)
+  out = _train(tc, d)
   out["model"] = out.get("best_model", out["final_model"])
   return out
 
 
 # ---- stage 3: CapFilt, and the filter against the injected noise -----------------------------------
-def capfilt_stage(c, data: dict, captioner: dict, filt: dict, d: str, log) -> dict:
-  import blip_jax
-  from blip_jax import capfilt
+def capfilt_stage(c, data: dict, captioner: dict, filt: dict, d: str) -> dict:
   settings = capfilt.CapFiltSettings(**c.capfilt.settings.to_dict())
   source = capfilt.JsonInput(_as_list(data["files"]["noisy"]), data["image_root"], c.capfilt.per_shard)
   report = capfilt.run(blip_jax.load(captioner["model"]), blip_jax.load(filt["model"]), source, d, settings,
@@ -225,9 +229,6 @@ def noise_filter_scores(labels: list, bootstrapped: list) -> dict:
 
 # ---- stage 5: the same evaluation of both pretrained models ---------------------------------------
 def eval_stage(c, data: dict, models: dict, d: str, log) -> dict:
-  import blip_jax
-  from blip_jax.tasks import caption as C
-  from blip_jax.tasks import retrieval as R
   root = data.get("eval_image_root", data["image_root"])
   gallery = R.read_gallery(data["files"]["heldout"], root)
   R.check_gallery(gallery, c.eval.k)
@@ -259,16 +260,16 @@ def run(c, workdir: str, log=print) -> dict:
   fs.resume_settings(fs.join(workdir, "bootstrap_config.json"), json.loads(c.to_json_best_effort()),
                      "a bootstrap run", write=jax.process_index() == 0)
   data = _stage(workdir, "0_data", lambda d: (synthetic_data(d, c.data.synthetic) if c.data.kind == "synthetic"
-                                              else json_data(d, c.data)), log)
+                                              else json_data(c.data)), log)
   files = data["files"]
   stage1 = _stage(workdir, "1_pretrain",
-                  lambda d: pretrain_stage(c, data, _as_list(files["noisy"]) + _as_list(files["clean_train"]), d, log),
+                  lambda d: pretrain_stage(c, data, _as_list(files["noisy"]) + _as_list(files["clean_train"]), d),
                   log)
-  captioner = _stage(workdir, "2_captioner", lambda d: finetune_stage(c, "captioner", data, stage1, d, log), log)
-  filt = _stage(workdir, "2_filter", lambda d: finetune_stage(c, "filter", data, stage1, d, log), log)
-  capf = _stage(workdir, "3_capfilt", lambda d: capfilt_stage(c, data, captioner, filt, d, log), log)
+  captioner = _stage(workdir, "2_captioner", lambda d: finetune_stage(c, "captioner", data, stage1, d), log)
+  filt = _stage(workdir, "2_filter", lambda d: finetune_stage(c, "filter", data, stage1, d), log)
+  capf = _stage(workdir, "3_capfilt", lambda d: capfilt_stage(c, data, captioner, filt, d), log)
   stage4 = _stage(workdir, "4_pretrain",
-                  lambda d: pretrain_stage(c, data, _as_list(files["clean_train"]) + [capf["bootstrapped"]], d, log),
+                  lambda d: pretrain_stage(c, data, _as_list(files["clean_train"]) + [capf["bootstrapped"]], d),
                   log)
   evals = _stage(workdir, "5_eval", lambda d: eval_stage(
       c, data, {"stage1": stage1["final_model"], "stage4": stage4["final_model"]}, d, log), log)
@@ -310,7 +311,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"  filter vs injected noise: precision {nf['precision']:.3f}, recall {nf['recall']:.3f} "
                  f"({nf['dropped_noisy']} of {nf['noisy']} noisy texts dropped; {nf['kept_clean']} of {nf['clean']} "
                  f"clean texts kept)")
-  lines.append(f"4 pretrain            {s['stage4']['pairs']} pairs (clean + bootstrapped) {s['stage4']['steps']} steps")
+  lines.append(f"4 pretrain            {s['stage4']['pairs']} pairs (clean + bootstrapped) "
+               f"{s['stage4']['steps']} steps")
   lines.append("5 eval (held-out)     metric              stage 1 (noisy)   stage 4 (bootstrapped)")
   for group, key, label in ROWS:
     a, b = s["before"].get(group, {}).get(key), s["after"].get(group, {}).get(key)
@@ -321,7 +323,6 @@ def format_summary(s: dict) -> str:
 
 def summary_png(s: dict, path: str, width: int = 760, height: int = 320) -> None:
   """Before/after bars of the held-out metrics (PIL only; no plotting library needed)."""
-  from PIL import Image, ImageDraw
   rows = [(label, s["before"].get(g, {}).get(k), s["after"].get(g, {}).get(k)) for g, k, label in ROWS]
   rows = [r for r in rows if r[1] is not None and r[2] is not None]
   img = Image.new("RGB", (width, height), "white")
@@ -338,7 +339,6 @@ def summary_png(s: dict, path: str, width: int = 760, height: int = 320) -> None
         d.rectangle((x0, height - 40 - h, x0 + slot / 2 - 14, height - 40), fill=colour)
         d.text((x0, height - 54 - h), f"{v:.1f}" if top > 5 else f"{v:.3f}", fill="black")
       d.text((x + 4, height - 32), label[:18], fill="black")
-  import io
   out = io.BytesIO()
   img.save(out, "PNG")
   fs.write_bytes(path, out.getvalue())

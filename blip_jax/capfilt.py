@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
-import os
 import sys
 from typing import Sequence
 
 import jax
 import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from blip_jax import fs
-from blip_jax.caption import DataParallel, map_ahead, pad_rows
+from blip_jax.data.annotations import caption_groups, image_path, read_entries
+from blip_jax.distributed import sync_hosts
 from blip_jax.models.blip import Blip
+from blip_jax.parallel import DataParallel, map_ahead, pad_rows
 from blip_jax.preprocess import ImageDecodeError, preprocess, to_pil
 from blip_jax.tokenizers import pre_caption
 
@@ -67,7 +71,6 @@ class JsonInput:
   ext = ".json"
 
   def __init__(self, annotations: Sequence[str], image_root: str, per_shard: int):
-    from blip_jax.data.annotations import caption_groups, read_entries
     self.images = caption_groups(read_entries(annotations), "image", ", ".join(annotations))
     self.root, self.per_shard = image_root, per_shard
     self.num_shards = -(-len(self.images) // per_shard)
@@ -82,7 +85,7 @@ class JsonInput:
     """-> [(item dict, encoded image bytes or an error message)]"""
     out = []
     for g in self.shard_items(shard):
-      path = g["image"] if (os.path.isabs(g["image"]) or fs.is_url(g["image"])) else os.path.join(self.root, g["image"])
+      path = image_path(g["image"], self.root)
       try:
         out.append((g, fs.path(path).read_bytes()))
       except Exception as e:  # noqa: BLE001 (OSError locally; the storage client's errors for URLs)
@@ -107,7 +110,7 @@ class TFRecordInput:
   ext = ".tfrecord"
 
   def __init__(self, files: Sequence[str]):
-    from blip_jax.data.sources import TFRecordSource
+    from blip_jax.data.sources import TFRecordSource  # noqa: PLC0415  (TensorFlow: heavy)
     self.files = TFRecordSource(list(files)).files
     self.num_shards = len(self.files)
 
@@ -117,8 +120,8 @@ class TFRecordInput:
   def read(self, shard: int):
     """Records of one file. A record that does not parse (no `jpg`) and a file corrupt from some
     record on are counted as undecodable, with a message, and the rest goes on (as for JSON)."""
-    from blip_jax.data import tf  # muted import, TF threads set
-    from blip_jax.data.sources import TFRecordSource
+    from blip_jax.data.sources import TFRecordSource  # noqa: PLC0415  (TensorFlow: heavy)
+    from blip_jax.data.tf_setup import tf  # noqa: PLC0415  (TensorFlow: heavy)
     out, name = [], self.files[shard]
     it = iter(tf.data.TFRecordDataset(name))
     n = 0
@@ -148,7 +151,7 @@ class TFRecordInput:
     return f"record key {item['key'].decode('utf-8', 'replace')!r}"
 
   def write(self, path: str, pairs):
-    from blip_jax.data import tf  # muted import, TF threads set
+    from blip_jax.data.tf_setup import tf  # noqa: PLC0415  (TensorFlow: heavy)
     feature = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
     with tf.io.TFRecordWriter(path) as w:
       for item, text, kind, score in pairs:
@@ -272,7 +275,6 @@ def _shard_stats(scored, stats, threshold):
 
 def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progress: bool = True) -> dict:
   """Runs (or resumes) CapFilt over `source` (JsonInput | TFRecordInput) into out_dir."""
-  from tqdm import tqdm
   shard_dir = fs.join(out_dir, "shards")
   check_settings(out_dir, source, settings)
   cf = CapFilt(captioner, filt, settings)
@@ -293,7 +295,6 @@ def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progre
       stats["process"] = jax.process_index()
       fs.write_json(_stats_path(shard_dir, i), stats, indent=None)  # the shard is done
       bar.set_postfix(shards_done=f"{len(mine) - len(todo) + done + 1}/{len(mine)}")
-  from blip_jax.train.launch import sync_hosts
   sync_hosts("capfilt shards done")
   if jax.process_index() != 0:
     return {}
@@ -337,7 +338,8 @@ def finish(out_dir: str, source, settings: CapFiltSettings) -> dict:
     for i in range(source.num_shards):
       rows += fs.read_json(fs.join(shard_dir, f"{i:05d}.json"))
     out = fs.write_text(fs.join(out_dir, "bootstrapped.json"), json.dumps(rows))
-    report["output"] = {"kind": "json", "annotations": [out], "image_root": str(fs.path(source.root)) if source.root else ""}
+    root = str(fs.path(source.root)) if source.root else ""
+    report["output"] = {"kind": "json", "annotations": [out], "image_root": root}
   else:
     report["output"] = {"kind": "tfrecord", "files": fs.join(shard_dir, "*.tfrecord")}
   fs.write_json(fs.join(out_dir, "report.json"), report)
@@ -347,7 +349,6 @@ def finish(out_dir: str, source, settings: CapFiltSettings) -> dict:
 
 def histogram_png(report: dict, threshold: float, path: str, width: int = 720, height: int = 300):
   """Two bar charts (web, synthetic) of ITM match probability with the threshold marked (Pillow)."""
-  from PIL import Image, ImageDraw
   img = Image.new("RGB", (width, height), "white")
   d = ImageDraw.Draw(img)
   panel = width // 2
@@ -367,7 +368,6 @@ def histogram_png(report: dict, threshold: float, path: str, width: int = 720, h
     for v in (0.0, 0.5, 1.0):
       d.text((x0 + w * v - 8, y0 + h + 6), f"{v:.1f}", fill="black")
     d.text((x0, y0 + h + 24), f"ITM p(match); threshold {threshold:g} (blue)", fill="black")
-  import io
   buf = io.BytesIO()
   img.save(buf, format="PNG")
   fs.write_bytes(path, buf.getvalue())

@@ -12,6 +12,8 @@ answers with an error the page shows; the server goes on.
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
 import os
 import re
 import sys
@@ -19,6 +21,14 @@ import threading
 import uuid
 
 import numpy as np
+from flask import Flask, jsonify, request, send_file
+from werkzeug.exceptions import HTTPException
+from werkzeug.serving import make_server
+
+import blip_jax
+from blip_jax.checkpoints import hub
+from blip_jax.preprocess import ImageDecodeError, to_pil
+from blip_jax.quiet import verbose
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MAX_UPLOAD_BYTES = 32 << 20
@@ -30,7 +40,6 @@ class DemoModels:
 
   def __init__(self, caption, retrieval=None, vqa=None, images: str | None = None, vocab: str | None = None,
                log=print):
-    import blip_jax
     load = (lambda m: m if isinstance(m, blip_jax.BlipModel) else blip_jax.load(m, vocab=vocab))
     self.captioner = load(caption)
     if self.captioner.config.kind not in ("caption", "pretrain"):
@@ -58,7 +67,6 @@ class DemoModels:
   # ---- the computations ----
   def add_upload(self, data: bytes):
     """Decodes an uploaded file (ImageDecodeError if it is not an image); returns its id."""
-    from blip_jax.preprocess import to_pil
     img = to_pil(data)
     uid = uuid.uuid4().hex[:12]
     self.uploads[uid] = img
@@ -80,7 +88,6 @@ class DemoModels:
     return {"beam": list(beam), "nucleus": list(nucleus)}
 
   def scores(self, uid: str, texts: list[str]) -> list[dict]:
-    import blip_jax
     m = self.matcher
     if m is None:
       raise ValueError("no model with ITM/ITC heads: start the demo with --retrieval")
@@ -116,8 +123,6 @@ class ImageIndex:
   mtime; a changed or new file is encoded again, a removed one dropped)."""
 
   def __init__(self, folder: str, model, key: str, batch: int = 16, log=print):
-    from blip_jax.checkpoints import hub
-    from blip_jax.preprocess import ImageDecodeError
     self.model, self.folder = model, os.path.abspath(folder)
     if not os.path.isdir(self.folder):
       raise FileNotFoundError(f"--images {folder}: not a folder")
@@ -158,7 +163,6 @@ class ImageIndex:
         f"the cache, {len(self.skipped)} undecodable skipped)")
 
   def search(self, query: str, k: int) -> list[dict]:
-    import blip_jax
     if not self.paths:
       return []
     ids, mask = self.model.tokenize([blip_jax.pre_caption(query, 30)], max_length=35)
@@ -247,9 +251,8 @@ $('search').addEventListener('click', async () => {
 
 
 def make_app(models: DemoModels):
-  import io
-  from flask import Flask, jsonify, request, send_file
-  from blip_jax.preprocess import ImageDecodeError
+
+
   app = Flask("blip_jax.demo")
   app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD_BYTES
   names = f"caption: {getattr(models.captioner.config, 'kind', '?')}" + \
@@ -321,7 +324,6 @@ def make_app(models: DemoModels):
 
   @app.errorhandler(Exception)
   def unexpected(e):  # one bad request never takes the server down; the page shows why
-    from werkzeug.exceptions import HTTPException
     if isinstance(e, HTTPException):
       return error(e.description, e.code)
     print(f"demo: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
@@ -331,14 +333,12 @@ def make_app(models: DemoModels):
 
 
 def serve(caption, retrieval=None, vqa=None, images=None, host="127.0.0.1", port=7860, vocab=None):
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
   log("loading models ...")
   models = DemoModels(caption, retrieval, vqa, images, vocab=vocab, log=log)
   app = make_app(models)
-  import logging
-  from blip_jax.quiet import verbose
+
   logging.getLogger("werkzeug").setLevel(logging.INFO if verbose() else logging.WARNING)  # no line per request
-  from werkzeug.serving import make_server
   server = make_server(host, port, app, threaded=True)
   log(f"BLIP demo on http://{host}:{server.server_port}/  (Ctrl-C to stop)")
   try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 
 from etils import epath
@@ -137,7 +138,6 @@ def local_copy(p) -> str:
   transformers-style dirs); p itself when it is local."""
   if not is_url(p):
     return str(path(p))
-  import tempfile
   src = path(p)
   out = os.path.join(tempfile.mkdtemp(prefix="blip_jax_"), src.name)
   def walk(d):  # object stores forbid recursive globs

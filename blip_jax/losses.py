@@ -1,4 +1,4 @@
-"""The losses of the paper, each one short pure function (blip_facts §2.5, §3.2).
+"""The losses of the paper, each one short pure function (the paper §3.2; official blip_pretrain.py forward).
 
 Shapes: G = global batch (all devices; jit sees global arrays, so "gathered across devices" is the
 array itself and XLA inserts the all-gathers), Q = queue length, D = 256.

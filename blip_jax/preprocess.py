@@ -1,4 +1,4 @@
-"""Image preprocessing of the official eval transform (blip_facts §0.1, §5).
+"""Image preprocessing of the official eval transform (official data/__init__.py: transform_test).
 
 PIL decode (EXIF orientation applied, any mode -> RGB) -> bicubic resize to a square, no crop
 (PIL's BICUBIC, what torchvision's Resize does on PIL images and what transformers'
@@ -12,6 +12,8 @@ from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from blip_jax import fs
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
@@ -36,7 +38,6 @@ def to_pil(image: ImageLike) -> Image.Image:
       if isinstance(image, bytes):
         image = io.BytesIO(image)
       elif "://" in str(image):  # gs://... through the one path layer
-        from blip_jax import fs
         image = io.BytesIO(fs.path(image).read_bytes())
       img = Image.open(image)
       img.load()  # decode now: truncated or corrupt files fail here, not later

@@ -17,8 +17,11 @@ import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
+import sentencepiece as spm
 
-# ---- official text cleaning (blip_facts §8.2) ---------------------------------------------------
+from blip_jax import fs
+
+# ---- official text cleaning (official data/utils.py) ---------------------------------------------------
 _PUNCT = re.compile(r"([.!\"()*#:;~])")
 
 
@@ -109,7 +112,6 @@ class BertTokenizer(_Base):
   kind = "bert"
 
   def __init__(self, vocab_file: str, do_lower_case: bool = True):
-    from blip_jax import fs
     self.vocab_file = vocab_file
     tokens = fs.path(vocab_file).read_text(encoding="utf-8").split("\n")
     if tokens and tokens[-1] == "":
@@ -191,7 +193,6 @@ class BertTokenizer(_Base):
     return text
 
   def save(self, directory: str) -> dict:
-    from blip_jax import fs
     fs.makedirs(directory)
     fs.path(fs.join(directory, "vocab.txt")).write_bytes(fs.path(self.vocab_file).read_bytes())
     return {"type": "bert", "vocab": "vocab.txt", "do_lower_case": self.do_lower_case}
@@ -205,8 +206,7 @@ class SentencePieceTokenizer(_Base):
   kind = "sentencepiece"
 
   def __init__(self, model_file: str):
-    import sentencepiece as spm
-    from blip_jax import fs
+
     self.model_file = model_file
     self.sp = spm.SentencePieceProcessor(model_proto=fs.path(model_file).read_bytes())
     ids = {p: self.sp.piece_to_id(p) for p in SP_SPECIALS}
@@ -226,7 +226,6 @@ class SentencePieceTokenizer(_Base):
     return self.sp.decode(keep)
 
   def save(self, directory: str) -> dict:
-    from blip_jax import fs
     fs.makedirs(directory)
     fs.path(fs.join(directory, "spm.model")).write_bytes(fs.path(self.model_file).read_bytes())
     return {"type": "sentencepiece", "model": "spm.model"}
@@ -235,7 +234,6 @@ class SentencePieceTokenizer(_Base):
 def train_sentencepiece(text_file: str, model_prefix: str, vocab_size: int = 8000,
                         model_type: str = "unigram", lowercase: bool = True) -> str:
   """Trains a SentencePiece model with BLIP's special tokens. Returns the .model path."""
-  import sentencepiece as spm
   spm.SentencePieceTrainer.train(
       input=text_file, model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
       pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, control_symbols=list(SP_SPECIALS),
@@ -255,13 +253,11 @@ def tokenizer_from_config(cfg: dict, root: str = "") -> _Base:
 
 
 def save_tokenizer(tok: _Base, directory: str):
-  from blip_jax import fs
   fs.write_json(fs.join(directory, "tokenizer.json"), tok.save(directory), indent=None)
 
 
 def load_tokenizer_dir(directory: str) -> _Base | None:
   """tokenizer.json (ours) or a bare vocab.txt (HF dirs saved with a processor)."""
-  from blip_jax import fs
   meta = fs.join(directory, "tokenizer.json")
   if fs.exists(meta):
     cfg = fs.read_json(meta)

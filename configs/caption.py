@@ -1,4 +1,5 @@
-"""Image captioning fine-tuning (blip_facts §5, §5.2): `--config=configs/caption.py:VARIANT`.
+"""Image captioning fine-tuning (the paper §5.2; official configs/caption_coco.yaml):
+`--config=configs/caption.py:VARIANT`.
 
 coco   the official COCO recipe: init from a pretraining checkpoint (the paper:
        --config.init.blip=model_base_capfilt_large.pth; any format, a pretraining or caption model),
@@ -12,7 +13,8 @@ demo   a tiny captioner trained on COCO-mini's val half (../shared/data/coco_kar
 
 Data: Karpathy JSON (train: one entry per caption; val/test: {"image", "caption": [..]}):
   --config.data.source.annotations='("/data/coco_karpathy_train.json",)' --config.data.source.image_root=/data/coco
-  --config.eval.annotations.val=/data/coco_karpathy_val.json --config.eval.annotations.test=/data/coco_karpathy_test.json
+  --config.eval.annotations.val=/data/coco_karpathy_val.json
+  --config.eval.annotations.test=/data/coco_karpathy_test.json
   --config.eval.image_root=/data/coco
   [--config.eval.gt.test=/data/coco_karpathy_test_gt.json]  (the official references; default: the JSON's captions)
 """

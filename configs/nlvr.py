@@ -1,4 +1,4 @@
-"""NLVR2 fine-tuning (blip_facts §5, §5.4): `--config=configs/nlvr.py:VARIANT`.
+"""NLVR2 fine-tuning (the paper §5.4; official configs/nlvr.yaml): `--config=configs/nlvr.py:VARIANT`.
 
 nlvr2  the official recipe: init from a pretraining checkpoint (the paper:
        --config.init.blip=model_base.pth; its cross-attention copied into both image branches),
@@ -12,7 +12,7 @@ demo   a tiny model on NLVR2-style pairs built from COCO-mini (a caption of one 
        `blip-jax train --config=configs/retrieval.py:demo --workdir=/tmp/blip_demo/retrieval` and
        `python -m blip_jax.tasks.nlvr --out /tmp/nlvr_demo`.
 
-Data (BLIP's JSON, §8.1):
+Data (BLIP's JSON files):
   --config.data.source.annotations='("/data/nlvr_train.json",)' --config.data.source.image_root=/data/NLVR2
   --config.eval.annotations.val=/data/nlvr_dev.json --config.eval.annotations.test=/data/nlvr_test.json
   --config.eval.image_root=/data/NLVR2

@@ -1,4 +1,5 @@
-"""Image-text retrieval fine-tuning (blip_facts §5, §5.1): `--config=configs/retrieval.py:VARIANT`.
+"""Image-text retrieval fine-tuning (the paper §5.1; official configs/retrieval_coco.yaml):
+`--config=configs/retrieval.py:VARIANT`.
 
 coco   the official COCO recipe: init from a pretraining checkpoint (--config.init.blip=model_base.pth),
        384 px, batch 256, AdamW lr 1e-5 wd 0.05, cosine per epoch, 6 epochs, ITC with image-id
@@ -11,7 +12,8 @@ demo   a tiny model fine-tuned on COCO-mini (../shared/data/coco_karpathy_mini) 
 
 Data: Karpathy JSON (train: one entry per caption with "image_id"; val/test: {"image", "caption": [..]}):
   --config.data.source.annotations='("/data/coco_karpathy_train.json",)' --config.data.source.image_root=/data/coco
-  --config.eval.annotations.val=/data/coco_karpathy_val.json --config.eval.annotations.test=/data/coco_karpathy_test.json
+  --config.eval.annotations.val=/data/coco_karpathy_val.json
+  --config.eval.annotations.test=/data/coco_karpathy_test.json
   --config.eval.image_root=/data/coco
 """
 import ml_collections as mlc

@@ -1,4 +1,4 @@
-"""VQA fine-tuning (blip_facts §5, §5.3): `--config=configs/vqa.py:VARIANT`.
+"""VQA fine-tuning (the paper §5.3; official configs/vqa.yaml): `--config=configs/vqa.py:VARIANT`.
 
 vqav2  the official recipe: init from a pretraining checkpoint (the paper:
        --config.init.blip=model_base_capfilt_large.pth; its image-grounded decoder becomes the answer
@@ -10,7 +10,7 @@ vqav2  the official recipe: init from a pretraining checkpoint (the paper:
 demo   a tiny model trained on COCO-mini's 207 VQA questions (../shared/data/coco_karpathy_mini) and
        scored on the same questions (generation: no answer list ships with the data), on a CPU.
 
-Data (official JSON, §8.1):
+Data (the official JSON files):
   --config.data.source.annotations='("/data/vqa_train.json","/data/vqa_val.json","/data/vg_qa.json")'
   --config.data.source.image_root=/data/images  (coco/ and visual-genome/ under one root, as official)
   [--config.eval.annotations.val=/data/held_out.json --config.eval.answer_list=/data/answer_list.json]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node GPUs with SLURM: one task per node, each seeing its node's GPUs; jax.distributed
-# initialises from the SLURM environment (blip_jax.train.launch).
+# initialises from the SLURM environment (blip_jax.distributed).
 #   sbatch --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 launch/slurm.sh configs/pretrain.py:vit_b /shared/ckpt/run1 \
 #     --config.batch_size=2880 --config.mesh.fsdp=8 \
 #     --config.data.source.kind=tfrecord --config.data.source.files='/shared/laion/*.tfrecord' --config.steps_per_epoch=5000

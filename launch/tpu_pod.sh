@@ -4,7 +4,7 @@
 #     --config.data.source.kind=tfrecord --config.data.source.files='gs://bucket/laion/*.tfrecord' \
 #     --config.steps_per_epoch=20000 --config.mesh.fsdp=4
 # The workdir must be a gs:// path (or other storage every worker sees). jax.distributed initialises
-# itself on TPU pods. Check the memory first, on any machine (README "Memory before launch"):
+# itself on TPU pods. Check the memory first, on any machine (docs/pretraining.md "Memory before launch"):
 #   blip-jax compile --config=configs/pretrain.py:vit_b --topology=v4-32 --libtpu=DIR [same overrides]
 # A preempted slice saves the same step on every worker; rerun this script to resume.
 # COMMAND=bootstrap runs `blip-jax bootstrap` (configs/bootstrap.py) instead of `blip-jax train`.

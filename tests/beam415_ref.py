@@ -1,7 +1,7 @@
 """An independent, plain re-statement of transformers 4.15's beam search (BeamSearchScorer,
 BeamHypotheses, generation_utils.beam_search) for one image at a time: Python lists of
 hypotheses, one full forward of the caller's model per step (no cache), nothing shared with
-blip_jax. The rule it encodes (blip_facts §5.2, the official BLIP pins transformers 4.15):
+blip_jax. The rule it encodes (the official BLIP pins transformers 4.15):
 
 - scores: log_softmax of the last position, then the repetition penalty and min-length rule,
   plus the beam's running sum; the 2K best (beam, token) pairs of all beams, in order;

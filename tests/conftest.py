@@ -1,6 +1,6 @@
 import os
 
-# Before anything touches jax devices (stack_notes P8).
+# Before anything touches jax devices (XLA reads the host device count once, at start-up).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -62,6 +62,7 @@ def pth_cross_check():
   True), and the two results must be identical: our torch-free reader is checked on every file the
   suite builds, not only on the files of its own tests."""
   import torch
+
   from blip_jax.checkpoints import pth
   ours_load = pth.load
 

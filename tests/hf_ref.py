@@ -7,8 +7,7 @@ attention is nearly uniform and cross-attention bugs hide. Sizes match ../shared
 from __future__ import annotations
 
 import torch
-from transformers import (BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval,
-                          BlipForQuestionAnswering)
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 CLASSES = {"caption": BlipForConditionalGeneration, "retrieval": BlipForImageTextRetrieval,
            "vqa": BlipForQuestionAnswering}

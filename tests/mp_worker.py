@@ -14,7 +14,6 @@ jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_CACHE_DIR", o
 sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np  # noqa: E402
 from jax.sharding import AxisType  # noqa: E402
-
 from pretrain_util import run_steps, tiny_config  # noqa: E402
 
 mesh = jax.make_mesh((jax.device_count(), 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)

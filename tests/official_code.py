@@ -161,8 +161,8 @@ def load(vocab_dir: str) -> types.SimpleNamespace:
   root = fetch()
   import torch
   import transformers
-  from transformers import BertTokenizer, PreTrainedModel, modeling_utils, pytorch_utils
   import transformers.models.bert.configuration_bert  # noqa: F401 (before the placeholders)
+  from transformers import BertTokenizer, PreTrainedModel, modeling_utils, pytorch_utils
 
   # transformers 5.x
   modeling_utils.apply_chunking_to_forward = pytorch_utils.apply_chunking_to_forward
@@ -206,8 +206,8 @@ def load(vocab_dir: str) -> types.SimpleNamespace:
   finder = _TorchvisionPlaceholders()
   sys.meta_path.insert(0, finder)
   try:
-    import timm.models.vision_transformer  # noqa: F401
     import timm.models.hub  # noqa: F401
+    import timm.models.vision_transformer  # noqa: F401
   finally:
     sys.meta_path.remove(finder)
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:

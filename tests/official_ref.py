@@ -6,10 +6,10 @@ import os
 import re
 
 import torch
-
-from blip_jax.checkpoints.mapping import to_hf_key
 from conftest import SHARED
 from hf_ref import make_hf
+
+from blip_jax.checkpoints.mapping import to_hf_key
 
 KEYS = os.path.join(SHARED, "reference", "keys")
 

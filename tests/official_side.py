@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import torch
-
 from conftest import COCO
 
 # One small size for the training runs: 64 wide with 2 heads of 32 (the training config names its

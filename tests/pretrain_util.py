@@ -44,8 +44,9 @@ def fixed_batch(seed=0, n=8, length=10):
 def run_steps(c, mesh, n_steps=2, seed=0):
   """Builds the sharded step on `mesh`, runs it on fixed batches; returns (losses, params on host)."""
   import jax
+
   from blip_jax.data.device import global_batch
-  from blip_jax.train.trainer import build, model_config
+  from blip_jax.train.setup import build, model_config
   mcfg = model_config(c)
   step_fn, init_fn, shardings, batch_sharding, _ = build(c, mcfg, mesh, steps_per_epoch=10, total_steps=20)
   with jax.set_mesh(mesh):

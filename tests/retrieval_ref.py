@@ -1,5 +1,5 @@
 """An independent, plain implementation of the official retrieval evaluation (BLIP's
-train_retrieval.evaluation + itm_eval, restated from blip_facts §5.1, §8.2), on transformers'
+train_retrieval.evaluation + itm_eval, restated from the official train_retrieval.py), on transformers'
 PyTorch BLIP modules. One image (text) at a time, its tokens repeated for each of its k candidates:
 it shares no code with blip_jax."""
 from __future__ import annotations

@@ -12,14 +12,14 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import COCO, ODD
+from hf_ref import make_hf
+from official_ref import official_state_dict, shared_pair
 
 import blip_jax
 from blip_jax import capfilt
 from blip_jax.data.shards import make_shards
 from blip_jax.data.sources import JsonSource, TFRecordSource
-from conftest import COCO, ODD
-from hf_ref import make_hf
-from official_ref import official_state_dict, shared_pair
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")

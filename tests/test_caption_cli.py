@@ -4,14 +4,13 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
-
-import blip_jax
-from blip_jax.caption import expand_images
-from blip_jax.cli import main
 from conftest import COCO, ODD
 from hf_ref import make_hf
+
+import blip_jax
+from blip_jax.cli import main
+from blip_jax.image_files import expand_images
 
 
 @pytest.fixture(scope="module")

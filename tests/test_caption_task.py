@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import COCO, ODD, small_copies
 
 TEST_JSON = os.path.join(COCO, "captions_karpathy_test.json")
@@ -51,6 +50,7 @@ def direct_cocoevalcap(gt_file, candidates, monkeypatch):
   are not here (SPICE is replaced by a scorer that reports nothing)."""
   import pycocoevalcap.eval as E
   from pycocotools.coco import COCO as CocoApi
+
   from blip_jax.metrics.caption import use_packaged_java
 
   class NoSpice:
@@ -114,8 +114,8 @@ def test_metrics_equal_cocoevalcap_and_gt_files_agree(split, monkeypatch):
 def finetuned(tmp_path_factory):
   """configs/caption.py:demo (COCO-mini val half, 1000 pairs; scored on the test half), shortened
   to 6 epochs at a higher learning rate (suite time), evaluated before the first step and after."""
-  from configs.caption import get_config
   from blip_jax.train.trainer import train
+  from configs.caption import get_config
   c = get_config("demo")
   c.epochs, c.optim.lr = 6, 3e-3
   # 128 px copies of the photos for the 64 px model: decoding 640 px JPEGs would set the pace
@@ -212,12 +212,14 @@ def test_caption_step_loss_and_start_from_a_pretraining_model(vocab_path):
   unchanged)."""
   import jax
   import jax.numpy as jnp
+
   from blip_jax.api import BlipModel
+  from blip_jax.checkpoints.retarget import retarget
   from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
   from blip_jax.models.init import init_params
+  from blip_jax.objectives import caption_lm as _caption_forward
   from blip_jax.tokenizers import BertTokenizer
-  from blip_jax.train.step import LossConfig, _caption_forward
-  from blip_jax.checkpoints.retarget import retarget
+  from blip_jax.train.step import LossConfig
   tok = BertTokenizer(vocab_path)
   v = VisionConfig(width=32, depth=1, heads=2, mlp_dim=64, patch=16, image_size=32)
   t = TextConfig(width=32, depth=2, heads=2, mlp_dim=64, max_positions=40, dropout=0.0)

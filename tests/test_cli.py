@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from hf_ref import make_hf
 
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
@@ -40,8 +39,9 @@ def test_convert_and_score_match_transformers(converted, coco, vocab_path):
   got_itm = np.array([float(r[2].split("=")[1]) for r in rows])
   got_cos = np.array([float(r[3].split("=")[1]) for r in rows])
   # the reference: transformers on the same image and texts (HF processor pipeline by hand)
-  from transformers import BertTokenizer, BlipImageProcessor
   from PIL import Image
+  from transformers import BertTokenizer, BlipImageProcessor
+
   from blip_jax import pre_caption
   tok = BertTokenizer(vocab_path)
   enc = tok([pre_caption(t, 30) for t in texts], padding="max_length", max_length=35, return_tensors="pt")

@@ -5,13 +5,13 @@ import os
 
 import numpy as np
 import pytest
+from conftest import COCO, ODD
 from PIL import Image, ImageOps
 
 import blip_jax.data as D
 from blip_jax.data import transforms as T
 from blip_jax.preprocess import CLIP_MEAN, CLIP_STD
 from blip_jax.tokenizers import BertTokenizer, pre_caption, pre_question
-from conftest import COCO, ODD
 
 ANN = os.path.join(COCO, "captions_karpathy_test.json")
 
@@ -152,6 +152,7 @@ def test_tfrecord_shards_from_make_shards(small_json, tok, tmp_path):
 
 def test_tfds_builder_from_manual_dir(tmp_path, tok):
   import tensorflow_datasets as tfds
+
   from blip_jax.data.tfds_builders import BlipCocoKarpathy
   manual = tmp_path / "manual"
   manual.mkdir()

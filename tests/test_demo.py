@@ -10,13 +10,13 @@ import sys
 
 import jax
 import pytest
+from conftest import COCO, ODD, one_device_env
+from webdriver import Browser, free_port, wait_http
 
 import blip_jax
 from blip_jax.models.config import tiny_config
 from blip_jax.models.init import init_params
 from blip_jax.tokenizers import BertTokenizer
-from conftest import COCO, ODD, one_device_env
-from webdriver import Browser, free_port, wait_http
 
 PHOTOS = ["COCO_val2014_000000209186.jpg", "COCO_val2014_000000068993.jpg", "COCO_val2014_000000271852.jpg",
           "COCO_val2014_000000545039.jpg"]

@@ -1,16 +1,15 @@
 """Caption decoding against transformers' generate: greedy and beam search token ids identical, with
 and without the prompt; nucleus sampling checked statistically against transformers' warpers."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_ref import make_hf
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
-import jax
-import jax.numpy as jnp
 
 import blip_jax
 from blip_jax.models.generate import beam_search, greedy, sample, warp_logits
-from hf_ref import make_hf
 
 PROMPT = [1037, 3861, 1997]  # "a picture of"
 SEP_BIAS = 2.5  # random models rarely say [SEP]; this makes some hypotheses end early and some not
@@ -225,6 +224,7 @@ def test_repetition_penalty_and_min_length_on_scores():
   positive score divided by the penalty, a negative one multiplied (a sign error would reward a
   repeat); unseen tokens untouched. MinLength: [SEP] impossible before min_length, free from it."""
   import jax.numpy as jnp
+
   from blip_jax.models.generate import _penalize
   scores = jnp.array([[2.0, -2.0, 1.0, -1.0, 0.5, 3.0]])
   seen = jnp.array([[True, True, False, False, True, False]])

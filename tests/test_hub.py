@@ -17,10 +17,10 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import COCO, one_device_env
 
 import blip_jax
 from blip_jax.checkpoints import hub
-from conftest import COCO, one_device_env
 
 
 class Files(http.server.ThreadingHTTPServer):
@@ -244,9 +244,10 @@ def test_unknown_name_and_unreachable_server_are_clear(tmp_path, monkeypatch, ca
 def test_hub_ids_through_huggingface_hub_then_offline(server, tmp_path, vocab_path):
   """A transformers dir served at a local HF_ENDPOINT: loaded by its Salesforce/... id into
   huggingface_hub's cache (HF_HOME), then again with HF_HUB_OFFLINE=1 and the server gone."""
+  import jax
+
   from blip_jax.models.config import tiny_config
   from blip_jax.models.init import init_params
-  import jax
   cfg = tiny_config("caption", image_size=32)
   m = blip_jax.BlipModel(cfg, init_params(cfg, jax.random.PRNGKey(3)), {}, None)
   m.export_hf(str(tmp_path / "hf"))

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from hf_ref import make_hf, parity_reinit
 from transformers import BertConfig, BertForMaskedLM
 
 import blip_jax
@@ -9,7 +10,6 @@ from blip_jax.checkpoints.init_from import load_bert_into, load_vit_into
 from blip_jax.checkpoints.torch_io import CheckpointError
 from blip_jax.models.config import TextConfig, VisionConfig
 from blip_jax.models.init import init_params
-from hf_ref import make_hf, parity_reinit
 
 CFG = blip_jax.BlipConfig(kind="pretrain", vision=VisionConfig(width=192, depth=4, heads=3, mlp_dim=768),
                           text=TextConfig(width=192, depth=4, heads=3, mlp_dim=768, max_positions=64))

@@ -3,10 +3,10 @@ loaded at another resolution equals transformers' interpolate_pos_encoding forwa
 import numpy as np
 import pytest
 import torch
+from hf_ref import make_hf
 
 import blip_jax
 from blip_jax.checkpoints.interpolate import interpolate_pos_embed
-from hf_ref import make_hf
 
 
 @pytest.mark.parametrize("g0,g1", [(14, 24), (14, 30), (24, 14), (4, 7), (3, 3)])

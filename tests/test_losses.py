@@ -1,4 +1,4 @@
-"""Each loss against an independent NumPy implementation of the formulas in blip_facts §3.2."""
+"""Each loss against an independent NumPy implementation of the formulas of the paper §3.2 (official blip_pretrain.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -7,15 +7,15 @@ import json
 import os
 
 import numpy as np
+import official_side as S
 import pytest
 import torch
-
-import blip_jax
-import official_side as S
-from blip_jax.checkpoints import mapping
-from blip_jax.checkpoints.convert import to_state_dict
 from conftest import COCO
 from official_ref import official_state_dict, shared_pair
+
+import blip_jax
+from blip_jax.checkpoints import mapping
+from blip_jax.checkpoints.convert import to_state_dict
 
 TOL = 1e-4
 DEPTH = 8  # the official merges the two images' cross-attention outputs from text layer 6 on
@@ -94,6 +94,7 @@ def test_pretraining_checkpoint_starts_both_branches(tmp_path, vocab_path):
   dense0 and dense1. Loaded with kind='nlvr' (and by `convert --kind nlvr`), and through the
   trainer's retarget of our pretraining model, both branches hold the pretrained weights."""
   import jax
+
   from blip_jax.checkpoints.retarget import retarget
   from blip_jax.cli import main
   from blip_jax.models.init import init_params
@@ -142,6 +143,7 @@ def test_other_kinds_cannot_start_nlvr(tmp_path):
 # ---- the swap augmentation -------------------------------------------------------------------------
 def test_swap_left_right_words_only():
   import tensorflow as tf
+
   from blip_jax.data.transforms import tf_swap_left_right
   cases = {
       "the left image has more dogs than the right one": "the right image has more dogs than the left one",
@@ -157,6 +159,7 @@ def test_pipeline_swaps_words_exactly_when_it_swaps_images(tmp_path, vocab_path)
   """Red left image, blue right image: an example whose first image is blue was swapped, and then
   (and only then) its sentence has 'left' and 'right' exchanged; labels stay with their sentence."""
   from PIL import Image
+
   import blip_jax.data as D
   Image.new("RGB", (40, 40), (230, 20, 20)).save(tmp_path / "red.jpg")
   Image.new("RGB", (40, 40), (20, 20, 230)).save(tmp_path / "blue.jpg")
@@ -199,14 +202,16 @@ def test_finetuning_learns_from_a_retrieval_checkpoint(retrieval_demo_run, tmp_p
   partners. Held out: 512 new pairs of those sentences, half true (no (sentence, image pair) seen
   in training). From the retrieval demo's best model (its cross-attention copied into both
   branches, a fresh head), the demo's 10 epochs (320 steps) on 128 px copies of the photos: from
-  chance (50%) to about 74% here (the README demo, full-size photos: 70%). (On sentences
+  chance (50%) to about 74% here (the docs/nlvr.md demo, full-size photos: 70%). (On sentences
   never trained on, the 5th captions, it reaches only 53-62%: the tiny base model's own ITM is
   right about 2 times in 3 on them, which bounds what it can carry over.) The best
   epoch is kept and `eval nlvr` on it gives the same accuracy, with a bad image and an empty
   sentence skipped and counted."""
   import subprocess
   import sys
+
   from conftest import ODD, one_device_env, small_copies
+
   from blip_jax.tasks.nlvr import demo_pairs
   run, retrieval_work, _ = retrieval_demo_run
   assert run.returncode == 0, run.stderr[-2000:]

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 import torch
+from official_ref import official_state_dict, read_keys, shared_pair
 
 import blip_jax
 from blip_jax.checkpoints.torch_io import CheckpointError, read_pth
-from official_ref import official_state_dict, read_keys, shared_pair
 
 TOL = 1e-4
 
@@ -95,6 +95,7 @@ def test_pretrain_checkpoint_into_vqa_model_answers(pretrain_pth, batch, vocab_p
   question encoder and its image-grounded decoder the answer decoder. Loaded so (kind='vqa'), and
   through the trainer's retarget of our pretraining model, the two agree leaf by leaf; it answers."""
   import jax
+
   from blip_jax.checkpoints.retarget import retarget
   vqa = blip_jax.load(pretrain_pth[0], kind="vqa", vocab=vocab_path)
   assert vqa.config.kind == "vqa"
@@ -181,9 +182,10 @@ def test_crafted_pickle_is_refused(tmp_path):
 
 def test_vqa_checkpoint(tmp_path, batch, vocab_path):
   """Official VQA layout (ViT + question encoder + answer decoder with 768x768 cross-attention)."""
-  from blip_jax.checkpoints.mapping import official_table, to_hf_key
-  from blip_jax.checkpoints.convert import infer_hf_config
   from hf_ref import make_hf
+
+  from blip_jax.checkpoints.convert import infer_hf_config
+  from blip_jax.checkpoints.mapping import official_table, to_hf_key
   hf = make_hf("vqa", 1e-6, seed=4)
   hsd = hf.state_dict()
   cfg = infer_hf_config(hf.config.to_dict() | {"architectures": ["BlipForQuestionAnswering"]})

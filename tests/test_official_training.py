@@ -31,17 +31,18 @@ import os
 
 import jax
 import numpy as np
+import official_side as S
 import pytest
 import torch
 import yaml
 
-import official_side as S
 from blip_jax import losses
 from blip_jax.checkpoints.convert import load_state_dict
 from blip_jax.data.device import global_batch
+from blip_jax.objectives import contrastive_keys
 from blip_jax.tokenizers import BertTokenizer
-from blip_jax.train import trainer
-from blip_jax.train.step import contrastive_keys, micro_key, split_ids
+from blip_jax.train import setup as trainer
+from blip_jax.train.step import micro_key, split_ids
 
 LOSS_TOL = 1e-4  # relative, every step's losses, lr and alpha
 PARAM_TOL = 0.25  # x the peak lr: a quarter of the largest change one AdamW step makes to a weight
@@ -104,7 +105,7 @@ class Ours:
         c, self.cfg, self.mesh, steps_per_epoch, c.epochs * steps_per_epoch, self.prompt_length)
     with jax.set_mesh(self.mesh):
       state = init_fn(jax.random.PRNGKey(c.seed))
-    self.state = trainer._initialise_from(c, self.cfg, state, shardings)
+    self.state = trainer.initialise_from(c, self.cfg, state, shardings)
     self.rng = np.asarray(jax.device_get(self.state["rng"]))
 
   def host(self):

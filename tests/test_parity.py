@@ -2,13 +2,13 @@
 weights and inputs: fp32 max |diff| <= 1e-4, for vision LayerNorm eps 1e-5 (HF) and 1e-6 (official);
 and the ITC / ITM heads equal the official blip_itm.py BLIP_ITM (tests/official_code.py) itself."""
 import numpy as np
+import official_side as S
 import pytest
 import torch
+from hf_ref import make_hf
 
 import blip_jax
 from blip_jax.tokenizers import BertTokenizer, pre_caption
-from hf_ref import make_hf
-import official_side as S
 
 TOL = 1e-4
 
@@ -128,7 +128,7 @@ def test_itc_and_itm_heads_equal_official_blip_itm(official_blip, coco, tmp_path
   """BLIP_ITM (official blip_itm.py, 64 px, 128 wide, weights redrawn) saved as a .pth and loaded by
   ours: its 'itc' head (the cosine matrix) equals ours; its modules run as the official retrieval
   training and evaluation run ITM ([ENC] first) equal our ITM logits. Its own 'itm' head keeps
-  [CLS] first (a quirk of blip_itm.py, README "Deliberate differences"): ours differs from that."""
+  [CLS] first (a quirk of blip_itm.py, docs/differences.md): ours differs from that."""
   model = S.small_official(official_blip.blip_itm.BLIP_ITM, tmp_path, image_size=64, width=128, seed=7).eval()
   ours = blip_jax.load(str(S.save_pth(model, tmp_path / "itm.pth")), vocab=vocab_path)
   paths = [c[0] for c in coco[:3]]

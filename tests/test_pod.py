@@ -10,7 +10,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import one_device_env
 from pretrain_util import ROOT
 
@@ -94,7 +93,8 @@ def test_config_is_stored_changes_are_refused_and_an_unreadable_checkpoint_is_se
   assert stored["total_steps"] == 9 and stored["model"]["vision"]["width"] == 64
 
   # another model, or an lr not listed in allow_changes: refused at once, naming the keys
-  from blip_jax.train.trainer import ConfigError, check_run_config
+  from blip_jax.train.checkpointing import check_run_config
+  from blip_jax.train.setup import ConfigError
   from configs.pretrain import get_config
   for key, value, words in (("model.vision.width", 32, ["model.vision.width", "64", "32", "new workdir"]),
                             ("optim.lr", 0.1, ["optim.lr", "allow_changes=optim.lr"])):
@@ -135,7 +135,8 @@ def test_fsdp8_holds_an_eighth_of_params_and_optimizer_state_per_device():
   1/8 of the parameters and of the AdamW moments (what does not divide by 8 is replicated)."""
   from jax.sharding import Mesh
   from pretrain_util import tiny_config
-  from blip_jax.train.trainer import build, model_config
+
+  from blip_jax.train.setup import build, model_config
   c = tiny_config()
   mcfg = model_config(c)
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
@@ -162,10 +163,12 @@ def test_fsdp8_holds_an_eighth_of_params_and_optimizer_state_per_device():
 def test_each_forward_draws_its_own_dropout_masks(monkeypatch):
   """The unimodal text pass and the ITM passes are separate forwards in the official model: their
   dropout keys must differ (one shared key would give the same masks at equal shapes)."""
+  from pretrain_util import fixed_batch, tiny_config
+
+  from blip_jax import objectives
   from blip_jax.models.blip import Blip
   from blip_jax.train import step as S
-  from blip_jax.train.trainer import model_config
-  from pretrain_util import fixed_batch, tiny_config
+  from blip_jax.train.setup import model_config
   seen = []
   real = Blip.apply
 
@@ -183,7 +186,7 @@ def test_each_forward_draws_its_own_dropout_masks(monkeypatch):
 
   def keys(params, momentum, batch, rng):  # only the keys are returned: the model is dead code
     seen.clear()
-    S._forward(mcfg, loss_cfg, params, momentum, batch, queues, 0.4, rng)
+    objectives.itc_itm_lm(mcfg, loss_cfg, params, batch, rng, {"momentum": momentum, "queues": queues, "alpha": 0.4})
     return list(seen)
   out = jax.jit(keys)(st["params"], st["momentum"], fixed_batch(), jax.random.PRNGKey(3))
   assert len(out) == 2
@@ -254,8 +257,9 @@ def test_ahead_of_time_compile_reports_the_sharded_memory():
   """blip-jax compile's analysis (aot.analyze) on the 8 CPU devices, as it runs on a TPU topology's
   abstract devices: with fsdp=8 the step's arguments per device (state + batch) are a fraction of
   the unsharded state, and XLA reports the step's FLOPs."""
-  from blip_jax.train import aot
   from pretrain_util import tiny_config
+
+  from blip_jax.train import aot
   c = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8})
   r = aot.analyze(c, jax.devices()[:8], hosts=1, hbm_bytes=2 ** 30, peak_flops=1e12)
   assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}

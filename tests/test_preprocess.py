@@ -5,10 +5,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import ODD
 from transformers import BlipImageProcessor
 
 from blip_jax.preprocess import CLIP_MEAN, CLIP_STD, ImageDecodeError, preprocess
-from conftest import ODD
 
 
 def test_matches_hf_image_processor(coco):

@@ -10,9 +10,8 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
-
 from conftest import one_device_env
+from jax.sharding import Mesh
 from pretrain_util import ROOT, run_steps, tiny_config
 
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
@@ -83,13 +82,13 @@ def test_bad_override_fails_at_once(tmp_path):
 
 
 def test_batch_that_does_not_fit_fails_clearly():
-  from blip_jax.train.trainer import ConfigError, check_batch
+  from blip_jax.train.setup import ConfigError, check_batch
   mesh = _mesh((8, 1, 1))
   with pytest.raises(ConfigError, match="batch_size 12 is not divisible by the data-parallel size 8"):
     check_batch(tiny_config(batch_size=12, **{"loss.queue_size": 24}), mesh)
   with pytest.raises(ConfigError, match="queue_size 20 must be a multiple of the global batch 8.*16, 24"):
     check_batch(tiny_config(**{"loss.queue_size": 20}), mesh)
-  from blip_jax.train.trainer import make_mesh
+  from blip_jax.train.setup import make_mesh
   with pytest.raises(ConfigError, match="does not fit 8 devices"):
     make_mesh(tiny_config(**{"mesh.data": 3}))
 
@@ -145,11 +144,13 @@ def test_initialise_from_deit_and_bert(tmp_path):
   text from a BERT dir; the momentum towers start as copies."""
   import torch
   from transformers import BertConfig, BertForMaskedLM
+
   from blip_jax.checkpoints.convert import to_state_dict
   from blip_jax.checkpoints.mapping import vit_entries
   from blip_jax.models.init import init_params
+  from blip_jax.train.setup import build, model_config
+  from blip_jax.train.setup import initialise_from as _initialise_from
   from blip_jax.train.step import momentum_view
-  from blip_jax.train.trainer import _initialise_from, build, model_config
   c = tiny_config()
   mcfg = model_config(c)
   donor = init_params(mcfg, jax.random.PRNGKey(7))

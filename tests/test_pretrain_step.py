@@ -1,4 +1,4 @@
-"""The pretraining step's bookkeeping, each piece against what blip_facts §3 says it must be: the
+"""The pretraining step's bookkeeping, each piece against what the official blip_pretrain.py does: the
 momentum update and the order of the momentum forward, the alpha ramp, the queue (what is enqueued,
 where, and the pointer), the temperature clamp, the per-shard ITM negatives, gradient accumulation
 and the sharding of parameters. One tiny model (32 px, width 32, one layer), a few compiled steps.
@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
-
 from pretrain_util import fixed_batch, tiny_config
+
+from blip_jax import objectives
 from blip_jax.models.blip import Blip
 from blip_jax.models.init import momentum_config
 from blip_jax.train import step as S
-from blip_jax.train.trainer import build, model_config
+from blip_jax.train.setup import build, model_config
 
 Q, B = 16, 8
 
@@ -32,7 +33,7 @@ def setup():
 def _step(setup, **loss):
   _, mcfg, tx, lr_fn = setup
   lc = S.LossConfig(queue_size=Q, **loss)
-  return jax.jit(S.make_train_step(mcfg, lc, tx, lr_fn)), lc
+  return jax.jit(S.make_train_step(mcfg, lc, tx, lr_fn, objectives.itc_itm_lm)), lc
 
 
 def _state(setup, lc, seed=0):
@@ -51,7 +52,7 @@ def _batch(seed=0):
 def _features(mcfg, towers, params, batch):
   """Image and text features of `towers` (a momentum-shaped dict) on a batch, computed here."""
   def f(m):
-    return m.image_feat(m.encode_image(S.normalize_images(batch["image"]))), m.text_feat(batch["text_ids"],
+    return m.image_feat(m.encode_image(objectives.normalize_images(batch["image"]))), m.text_feat(batch["text_ids"],
                                                                                         batch["text_mask"])
   full = {**towers, "temp": params["temp"], "itm_head": params["itm_head"]}
   return jax.tree.map(np.asarray, Blip(momentum_config(mcfg)).apply({"params": full}, method=f))
@@ -147,7 +148,7 @@ def test_local_itm_negatives_follow_the_data_shards(setup):
   for g in (1, 4):
     lc = dataclasses.replace(one, itm_groups=g)
     state = sharpen(S.init_state(mcfg, tx, lc, jax.random.PRNGKey(0)))
-    _, m = jax.jit(S.make_train_step(mcfg, lc, tx, lr_fn))(state, _batch(0))
+    _, m = jax.jit(S.make_train_step(mcfg, lc, tx, lr_fn, objectives.itc_itm_lm))(state, _batch(0))
     losses[g] = float(m["loss_itm"])
   assert abs(losses[4] - losses[1]) > 1e-3, losses
   mesh = _mesh((4, 1, 1))
@@ -171,7 +172,7 @@ def test_gradient_accumulation_averages(setup):
   for k in (1, 2):
     lc = S.LossConfig(grad_accum=k)
     state = S.init_state(cap, tx, lc, jax.random.PRNGKey(0))
-    new, m = jax.jit(S.make_train_step(cap, lc, tx, lr_fn))(state, batch)
+    new, m = jax.jit(S.make_train_step(cap, lc, tx, lr_fn, objectives.caption_lm))(state, batch)
     out[k] = (jax.tree.map(np.asarray, new["params"]), float(m["loss"]), float(m["grad_norm"]))
   assert out[2][1] == pytest.approx(out[1][1], rel=1e-5)
   assert out[2][2] == pytest.approx(out[1][2], rel=1e-4)

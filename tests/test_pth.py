@@ -11,10 +11,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import torch_reference_equal
 
 from blip_jax.checkpoints import pth
 from blip_jax.checkpoints.torch_io import CheckpointError, read_pth
-from conftest import torch_reference_equal
 
 
 def _assorted():
@@ -55,8 +55,9 @@ def test_bit_exact_against_torch_load(tmp_path, zip_format):
 def test_cross_check_saw_the_suites_files():
   """The session-wide cross-check (conftest.pth_cross_check) compares with torch.load on every read;
   this test's own read goes through it."""
-  from conftest import PTH_CROSS_CHECKED
   import tempfile
+
+  from conftest import PTH_CROSS_CHECKED
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, "m.pth")
     torch.save({"model": {"w": torch.ones(2, 2)}}, path)
@@ -156,8 +157,7 @@ def test_truncated_and_corrupt_files_are_refused(tmp_path):
 def test_official_checkpoint_loads_where_torch_cannot_be_imported(tmp_path, vocab_path):
   """An official-layout caption .pth through blip_jax.load and one caption, in a process whose
   import system refuses torch and transformers: the run-time path needs neither."""
-  from official_ref import official_state_dict
-  from official_ref import shared_pair
+  from official_ref import official_state_dict, shared_pair
   torch.save({"model": official_state_dict("keys_official_decoder.txt", *shared_pair())}, tmp_path / "cap.pth")
   code = textwrap.dedent(f"""
       import sys

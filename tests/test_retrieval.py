@@ -12,6 +12,11 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import COCO, ODD
+from hf_ref import parity_reinit
+from retrieval_ref import itm_eval, official_retrieval_eval
+from retrieval_ref import pixels as ref_pixels
+from retrieval_ref import pre_caption as ref_pre_caption
 from transformers import BertTokenizer as HFBertTokenizer
 from transformers import BlipConfig as HFBlipConfig
 from transformers import BlipForImageTextRetrieval
@@ -19,9 +24,6 @@ from transformers import BlipForImageTextRetrieval
 import blip_jax
 from blip_jax.metrics.retrieval import KEYS
 from blip_jax.tasks import retrieval as R
-from conftest import COCO, ODD
-from hf_ref import parity_reinit
-from retrieval_ref import itm_eval, official_retrieval_eval, pixels as ref_pixels, pre_caption as ref_pre_caption
 
 SIZE, K = 64, 16  # a small model so the plain PyTorch loop over all 199 images and 995 texts is quick
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")

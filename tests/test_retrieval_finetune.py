@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 import torch
+from conftest import COCO, one_device_env
 
 import blip_jax
 from blip_jax.train.step import split_ids
-from conftest import COCO, one_device_env
 
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -54,7 +54,9 @@ def test_starts_from_official_pretraining_pth(tmp_path, vocab_path):
   queues of a pretraining checkpoint; the idx queue new (-100) and the pointer at 0. The same
   model in our format (kind 'pretrain') gives the same start."""
   from official_ref import official_state_dict, shared_pair
-  from blip_jax.train.trainer import _initialise_from, build, model_config
+
+  from blip_jax.train.setup import build, model_config
+  from blip_jax.train.setup import initialise_from as _initialise_from
   sd = official_state_dict("keys_official_pretrain.txt", *shared_pair())
   torch.save({"model": sd}, tmp_path / "model_base.pth")
   from configs.retrieval import get_config

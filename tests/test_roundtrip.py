@@ -4,9 +4,9 @@ import os
 import numpy as np
 import pytest
 import torch
+from hf_ref import CLASSES, make_hf
 
 import blip_jax
-from hf_ref import CLASSES, make_hf
 
 
 @pytest.mark.parametrize("kind", ["caption", "retrieval", "vqa"])
@@ -46,8 +46,9 @@ def test_pretrain_model_is_not_exported_as_hf(tmp_path):
 
 
 def _tiny_params(kind):
-  from blip_jax.models.init import _shapes
   import jax
+
+  from blip_jax.models.init import _shapes
   return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _shapes(blip_jax.tiny_config(kind)))
 
 
@@ -71,8 +72,8 @@ def test_saves_are_whole_or_absent_and_never_overwrite_silently(tmp_path):
 def test_models_load_from_a_bucket_url(tmp_path):
   """gs:// model paths (init.blip, --model): an HF dir and an official-style .pth are fetched through
   the fs layer, our format is read in place; against tests/fake_bucket.py's local stand-in."""
-  import jax
   import fake_bucket
+  import jax
   uninstall = fake_bucket.install(str(tmp_path / "bucket"))
   try:
     (tmp_path / "bucket" / "b").mkdir(parents=True)

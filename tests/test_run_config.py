@@ -1,9 +1,10 @@
-"""The stored-run-config guard (train/trainer.py check_run_config) on its own, without a run: a
+"""The stored-run-config guard (train/checkpointing.py check_run_config) on its own, without a run: a
 restart may change a free key silently and a listed key (allow_changes); a key that defines the
 run (model, tokenizer, data source, batch, queue, seed, task) is refused even when listed."""
 import pytest
 
-from blip_jax.train.trainer import ConfigError, check_run_config
+from blip_jax.train.checkpointing import check_run_config
+from blip_jax.train.setup import ConfigError
 from configs.pretrain import get_config
 
 FIXED = {"task": "retrieval", "model.vision.width": 48, "tokenizer.vocab_size": 50, "data.source.num_examples": 100,

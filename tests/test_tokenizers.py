@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from transformers import BertTokenizer as HFBertTokenizer
 
-from blip_jax.tokenizers import (BertTokenizer, SentencePieceTokenizer, pre_caption, pre_question,
-                                 train_sentencepiece)
+from blip_jax.tokenizers import BertTokenizer, SentencePieceTokenizer, pre_caption, pre_question, train_sentencepiece
 
 TEXTS = [
     "a picture of a Dog!",

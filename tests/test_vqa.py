@@ -9,16 +9,16 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import official_side as S
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import COCO
+from hf_ref import make_hf
 
 import blip_jax
 from blip_jax.metrics.vqa import exact_match, question_accuracy, vqa_accuracy
 from blip_jax.tokenizers import pre_question
-from conftest import COCO
-from hf_ref import make_hf
-import official_side as S
 
 ENC, SEP = 30523, 102
 K = 12

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import COCO, ODD, small_copies
 
 TRAIN = 32  # the first questions of COCO-mini's VQA subset: the fine-tuning test's data
@@ -18,6 +17,7 @@ def test_vqa_loss_equals_the_official_formula():
   """loss = sum over answers of weight x (summed label-smoothed token loss) / number of questions;
   padding answers (weight 0, mask 0) add nothing; [DEC] is not a target."""
   import jax
+
   from blip_jax.losses import vqa_loss
   rng = np.random.RandomState(0)
   b, a, la, v = 3, 4, 5, 11
@@ -46,8 +46,8 @@ def test_vqa_loss_equals_the_official_formula():
 def finetuned(tmp_path_factory):
   """configs/vqa.py:demo on the first TRAIN COCO-mini questions (suite time; the demo trains on all 207),
   evaluated (generation) on those training questions before and after."""
-  from configs.vqa import get_config
   from blip_jax.train.trainer import train
+  from configs.vqa import get_config
   d = tmp_path_factory.mktemp("vqaft")
   with open(os.path.join(COCO, "vqa_v2_subset.json")) as f:
     questions = json.load(f)[:TRAIN]
@@ -162,6 +162,7 @@ def test_vqa_command_answers_and_names_bad_input(finetuned, monkeypatch, capsys,
   # a checkpoint of another kind
   import flax.linen as nn
   import jax
+
   import blip_jax
   from blip_jax.api import BlipModel
   from blip_jax.models.init import init_boxed

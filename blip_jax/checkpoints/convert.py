@@ -5,12 +5,17 @@ import logging
 import re
 from typing import Callable, Iterable, Optional
 
+import jax
 import numpy as np
+from safetensors.numpy import save
 
+from blip_jax import fs
 from blip_jax.checkpoints import mapping
 from blip_jax.checkpoints.interpolate import interpolate_pos_embed
+from blip_jax.checkpoints.retarget import SOURCES, retarget
 from blip_jax.checkpoints.torch_io import CheckpointError, read_hf_dir, read_pth
 from blip_jax.models.config import BlipConfig, TextConfig, VisionConfig
+from blip_jax.models.init import init_params, momentum_shapes, param_shapes
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +72,8 @@ def infer_official_config(sd, kind: Optional[str] = None, *, vision_heads: Optio
   embed_dim = sd["vision_proj.weight"].shape[0] if "vision_proj.weight" in sd else 256
   extra = {}
   if kind == "nlvr":  # the first merging layer (official: 6); none stored: no layer merges
-    merging = [int(m.group(1)) for k in sd if (m := re.match(r"text_encoder\.encoder\.layer\.(\d+)\.crossattention\.output\.merge_layer\.weight$", k))]
+    merge = r"text_encoder\.encoder\.layer\.(\d+)\.crossattention\.output\.merge_layer\.weight$"
+    merging = [int(m.group(1)) for k in sd if (m := re.match(merge, k))]
     extra["fusion_layer"] = min(merging) if merging else max(6, text.depth)
   return BlipConfig(kind=kind, vision=vision, text=text, embed_dim=embed_dim, **extra)
 
@@ -102,7 +108,7 @@ def _set(tree: dict, path, value):
 
 
 def params_from_state_dict(sd: dict, table: Iterable[mapping.Entry], expected_shapes: dict, *,
-                           strict: bool = True, ignore: Callable[[str], bool] = lambda k: False,
+                           strict: bool = True,
                            optional: dict | None = None, progress: Callable | None = None):
   """Fills a params tree from `sd` by `table`. Returns (params, used_keys).
 
@@ -156,7 +162,6 @@ def _problems(*, missing=(), misshaped=(), unexpected=()):
 
 
 def _expected_shapes(cfg: BlipConfig) -> dict:
-  from blip_jax.models.init import param_shapes
   return param_shapes(cfg)
 
 
@@ -168,7 +173,6 @@ def load_state_dict(sd: dict, cfg: BlipConfig, layout: str = "official", *, stri
   Loading a file of another kind (e.g. a pretraining checkpoint into a caption model, as the
   official finetuning scripts do) ignores the towers the target does not have.
   """
-  from blip_jax.models.init import momentum_shapes
   table = mapping.official_table(cfg) if layout == "official" else mapping.hf_table(cfg, keep_temp=True)
   # no `temp` in an HF retrieval model, nor in official blip_itm.py's BLIP_ITM: the official init
   optional = {("temp",): 0.07} if (cfg.kind == "retrieval" or (layout == "hf" and cfg.has_itc)) else {}
@@ -213,8 +217,6 @@ def _load_official_as_nlvr(sd, source_kind, path, *, strict, **kw):
   """A pretraining (or retrieval) .pth as the start of NLVR2 fine-tuning, as official BLIP_NLVR's
   load_checkpoint does: the file's own model, then its one cross-attention copied into both image
   branches; the merge layers and the head initialised fresh (seed 0)."""
-  from blip_jax.checkpoints.retarget import SOURCES, retarget
-  from blip_jax.models.init import init_params
   if source_kind not in SOURCES["nlvr"]:
     raise CheckpointError(f"{path} is a {source_kind} checkpoint; an NLVR2 model starts from a pretraining "
                           "(or retrieval) checkpoint")
@@ -222,7 +224,6 @@ def _load_official_as_nlvr(sd, source_kind, path, *, strict, **kw):
   src_cfg = infer_official_config(sd, source_kind, **kw)
   params, _ = load_state_dict(sd, src_cfg, "official", strict=strict, progress=progress)
   cfg = src_cfg.replace(kind="nlvr")
-  import jax
   fresh = jax.tree.map(np.asarray, init_params(cfg))
   params, _ = retarget(params, {}, source_kind, "nlvr", fresh, name=path)
   return cfg, params, {}
@@ -279,8 +280,7 @@ def export_hf(params: dict, cfg: BlipConfig, out_dir: str, overwrite: bool = Fal
   """Writes config.json + model.safetensors that transformers' BLIP classes load with no missing
   or unexpected keys (the tied LM-head aliases are left out, as save_pretrained does). Written to
   a temporary folder and renamed when complete; an existing non-empty out_dir needs overwrite."""
-  from safetensors.numpy import save
-  from blip_jax import fs
+
   fs.check_output(out_dir, overwrite, "export folder")
   fs.makedirs(fs.path(out_dir).parent)
   tmp = fs.temp_sibling(out_dir)

@@ -1,4 +1,4 @@
-"""Checkpoints by name: the official BLIP releases (blip_facts §7.1) and transformers hub ids.
+"""Checkpoints by name: the official BLIP releases (the official README's table) and transformers hub ids.
 
 `resolve("model_base_capfilt_large")` downloads the official file once into the cache
 (`$BLIP_JAX_CACHE`, default `~/.cache/blip_jax`, or `$XDG_CACHE_HOME/blip_jax`) and returns its
@@ -27,6 +27,8 @@ import urllib.error
 import urllib.request
 import zipfile
 
+from tqdm import tqdm
+
 OFFICIAL_BASE = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
 BERT_VOCAB_URL = "https://huggingface.co/bert-base-uncased/resolve/main/vocab.txt"
 
@@ -49,7 +51,7 @@ class Release:
     return self.name + ".pth"
 
 
-# The official release names (blip_facts §7.1). params_m: our model of that kind and size.
+# The official release names (the official README's table). params_m: our model of that kind and size.
 RELEASES = {r.name: r for r in [
     Release("model_base_14M", "pretrain", "base", 224, 252, "ViT-B pretrained on 14M images (CapFilt-B data)"),
     Release("model_base", "pretrain", "base", 224, 252, "ViT-B pretrained on 129M images (CapFilt-B data)"),
@@ -67,7 +69,7 @@ RELEASES = {r.name: r for r in [
     Release("model_base_nlvr", "nlvr", "base", 384, 259, "ViT-B NLVR2"),
 ]}
 
-# transformers hub ids of the same models (blip_facts §7.1), listed for discovery; any other
+# transformers hub ids of the same models (the official README's table), listed for discovery; any other
 # owner/name id is passed to huggingface_hub as it is.
 HF_IDS = {  # id: (task, ViT)
     "Salesforce/blip-image-captioning-base": ("caption", "base"),
@@ -210,7 +212,6 @@ def _fetch_once(url: str, part: str, *, progress: bool, timeout: float):
     length = resp.headers.get("Content-Length")
     total = have + int(length) if length is not None else None
     md5 = _announced_md5(resp.headers)
-    from tqdm import tqdm
     bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
                desc=os.path.basename(part)[:-5], disable=not progress or None, leave=False)
     got = have
@@ -271,8 +272,11 @@ def fetch_hf(repo_id: str, revision: str | None = None) -> str:
   """A transformers hub repo's config, tokenizer vocab and weights through huggingface_hub (its
   cache and offline mode); returns the snapshot folder holding them."""
   try:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub import hf_hub_download  # noqa: PLC0415  (slow import; hub ids only)
+    from huggingface_hub.errors import (  # noqa: PLC0415  (slow import; hub ids only)
+      EntryNotFoundError,
+      LocalEntryNotFoundError,
+    )
   except ImportError:
     raise ValueError(f"{repo_id}: hub ids need huggingface_hub (pip install huggingface_hub)") from None
   offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -313,7 +317,7 @@ def listing() -> list[dict]:
 
 def _hf_cached(repo_id: str) -> bool:
   try:
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # noqa: PLC0415  (slow import; hub ids only)
   except ImportError:
     return False
   return all(isinstance(try_to_load_from_cache(repo_id, f), str) for f in HF_FILES)

@@ -1,4 +1,4 @@
-"""Initialisation for pretraining as in the paper (blip_facts §1, §2.2):
+"""Initialisation for pretraining as in the paper (the paper §3.4; official blip_pretrain.py):
 
 - the ViT from a DeiT / timm ViT state dict (`deit_base_patch16_224-b5f2ef4d.pth`): same key names as
   official `visual_encoder.*` without the prefix; the classifier head is dropped, the position
@@ -55,7 +55,7 @@ def load_vit_into(params: dict, cfg: BlipConfig, path_or_sd) -> dict:
   return out
 
 
-def _bert_layer_entries(i: int, path: tuple, key: str):
+def _bert_layer_entries(path: tuple, key: str):
   yield from mapping._attention(path + ("self_attn",), f"{key}.attention")
   yield from mapping._linear(path + ("fc1",), f"{key}.intermediate.dense")
   yield from mapping._linear(path + ("fc2",), f"{key}.output.dense")
@@ -80,7 +80,7 @@ def load_bert_into(params: dict, cfg: BlipConfig, bert_dir: str, tower: Optional
     table = [mapping.Entry((t, "position_embeddings", "embedding"), "embeddings.position_embeddings.weight", "copy")]
     table += mapping._norm((t, "embed_norm"), "embeddings.LayerNorm")
     for i in range(cfg.text.depth):
-      table += _bert_layer_entries(i, (t, f"layer_{i}"), f"encoder.layer.{i}")
+      table += _bert_layer_entries((t, f"layer_{i}"), f"encoder.layer.{i}")
     part, _ = params_from_state_dict(sd, table, shapes)
     _merge(out, part)
     if "self_attn_dec" in node["layer_0"]:  # pretraining: the decoder's self-attention from BERT too

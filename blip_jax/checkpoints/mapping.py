@@ -1,9 +1,10 @@
 """One table between our parameter paths and PyTorch state-dict keys.
 
 `official_table(config)` lists, for every parameter of our model, the official BLIP key that holds
-it, the tied aliases the official checkpoint also stores (blip_facts §2.6, §7.3), and how the tensor
-is laid out in torch. The HF layout is the same table renamed (`to_hf_key`, blip_facts §7.4): only
-vision keys change names, shapes never do.
+it, the tied aliases the official checkpoint also stores (official med.py:
+tie_encoder_decoder_weights), and how the tensor is laid out in torch. The HF layout is the same
+table renamed (`to_hf_key`; transformers' modeling_blip.py): only vision keys change names, shapes
+never do.
 """
 from __future__ import annotations
 

@@ -6,15 +6,19 @@
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
+from blip_jax import fs
+from blip_jax.distributed import sync_hosts
 from blip_jax.models.config import BlipConfig
+from blip_jax.tokenizers import load_tokenizer_dir, save_tokenizer
 
 CONFIG_FILE = "blip_config.json"
 
 
 def is_native_dir(path: str) -> bool:
-  from blip_jax import fs
   return fs.path(path).is_dir() and fs.exists(fs.join(path, CONFIG_FILE))
 
 
@@ -24,10 +28,7 @@ def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None,
   interrupted save leaves no half-written model. An existing non-empty `path` is replaced only
   with overwrite=True. `path` may be a URL (gs://...). With several processes every process calls
   this with the same `tag` (Orbax's save is collective); process 0 writes the rest and renames."""
-  import jax
-  import orbax.checkpoint as ocp
-  from blip_jax import fs
-  from blip_jax.train.launch import sync_hosts
+
   if jax.process_count() > 1 and not tag:
     raise ValueError("a save by several processes needs a tag shared by all of them")
   final = str(fs.path(path))
@@ -43,7 +44,6 @@ def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None,
   ckptr.wait_until_finished()
   if lead:
     if tokenizer is not None:
-      from blip_jax.tokenizers import save_tokenizer
       save_tokenizer(tokenizer, fs.join(tmp, "tokenizer"))
     fs.write_text(fs.join(tmp, CONFIG_FILE), cfg.to_json())  # last: its presence marks a complete model
     fs.publish(tmp, final)
@@ -53,13 +53,10 @@ def save_native(path: str, cfg: BlipConfig, params, extras=None, tokenizer=None,
 
 def load_native(path: str):
   """-> (config, params, extras, tokenizer or None); arrays come back as numpy."""
-  import orbax.checkpoint as ocp
-  from blip_jax import fs
-  from blip_jax.tokenizers import load_tokenizer_dir
+
   path = str(fs.path(path))
   cfg = BlipConfig.from_dict(fs.read_json(fs.join(path, CONFIG_FILE)))
   state = ocp.StandardCheckpointer().restore(fs.join(path, "state"))
-  import jax
   state = jax.tree.map(np.asarray, state)
   tok_dir = fs.join(path, "tokenizer")
   tok = load_tokenizer_dir(tok_dir) if fs.path(tok_dir).is_dir() else None

@@ -174,7 +174,7 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def _load_legacy(f) -> object:
-  safe = lambda: _Unpickler(f, _no_storage).load()  # header pickles hold no globals  # noqa: E731
+  safe = lambda: _Unpickler(f, _no_storage).load()  # header pickles hold no globals
   if safe() != _LEGACY_MAGIC:
     raise pickle.UnpicklingError("not a torch.save file (neither zip nor the legacy magic number)")
   if safe() != 1001:

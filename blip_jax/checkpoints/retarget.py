@@ -1,5 +1,6 @@
-"""One model kind's weights as another's start, as the official fine-tuning scripts begin
-(blip_facts §5): a pretraining (or retrieval) model's towers become a task model's towers.
+"""One model kind's weights as another's start, as the official fine-tuning scripts begin (official
+load_checkpoint into each task's model): a pretraining (or retrieval) model's towers become a task
+model's towers.
 
   retrieval = the text encoder without the decoder's self-attention and LM head (+ momentum, queues)
   caption   = the image-grounded decoder (the shared weights with the decoder's self-attention, the LM head)

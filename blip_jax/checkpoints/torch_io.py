@@ -13,6 +13,9 @@ import struct
 import zipfile
 
 import numpy as np
+from safetensors.numpy import load_file
+
+from blip_jax.checkpoints import pth
 
 
 class CheckpointError(ValueError):
@@ -28,7 +31,6 @@ def _to_numpy(sd) -> dict[str, np.ndarray]:
 def read_pth(path: str) -> dict[str, np.ndarray]:
   """Official BLIP checkpoint (torch.save dict with 'model') or a bare state dict, weights only.
   Read by checkpoints.pth (no torch needed): a pickle naming anything but tensors is refused."""
-  from blip_jax.checkpoints import pth
   try:
     obj = pth.load(path)
   except pth.UnsafePickleError as e:
@@ -50,7 +52,6 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
 
 def read_state_dict_file(path: str) -> dict[str, np.ndarray]:
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
     return load_file(path)
   return read_pth(path)
 

@@ -1,20 +1,15 @@
-"""Input pipelines (tf.data). Importing this package limits TF's threads so the input pipeline
-does not starve the JAX step on small machines (stack_notes §1b); it must happen before any TF op."""
-import os
+"""The reading layer: annotation files and evaluation sets (plain Python: annotations.py,
+eval_sets.py, video.py) and the tf.data input pipelines of training (sources.py, transforms.py,
+pipeline.py, shards.py). TensorFlow (tf_setup.py) is imported when a pipeline name below is first
+used, so the plain readers (evaluation, the CLI) do not pay for it."""
+import importlib
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_PIPELINE = {"DataError": "pipeline", "InputPipeline": "pipeline", "make_pipeline": "pipeline",
+             "JsonSource": "sources", "SyntheticSource": "sources", "TFDSSource": "sources",
+             "TFRecordSource": "sources", "make_source": "sources", "tf": "tf_setup"}
 
-from blip_jax.quiet import quiet_import  # noqa: E402
 
-tf = quiet_import("tensorflow")  # its banners muted unless BLIP_JAX_VERBOSE=1
-
-tf.config.set_visible_devices([], "GPU")  # TF must never take accelerator memory from JAX
-try:
-  tf.config.threading.set_intra_op_parallelism_threads(int(os.environ.get("BLIP_TF_INTRA_THREADS", "1")))
-  tf.config.threading.set_inter_op_parallelism_threads(int(os.environ.get("BLIP_TF_INTER_THREADS", "1")))
-except RuntimeError:  # TF already ran an op in this process (a user's own code): keep its setting
-  pass
-
-from blip_jax.data.pipeline import DataError, InputPipeline, make_pipeline  # noqa: E402,F401
-from blip_jax.data.sources import (JsonSource, SyntheticSource, TFDSSource, TFRecordSource,  # noqa: E402,F401
-                                   make_source)
+def __getattr__(name):
+  if name in _PIPELINE:
+    return getattr(importlib.import_module(f"blip_jax.data.{_PIPELINE[name]}"), name)
+  raise AttributeError(f"module 'blip_jax.data' has no attribute {name!r}")

@@ -34,7 +34,8 @@ def _tiff_orientation(t: bytes) -> int:
       e = ifd + 2 + 12 * k
       tag, typ = struct.unpack(endian + "HH", t[e:e + 4])
       if tag == 0x0112:
-        v = struct.unpack(endian + "H", t[e + 8:e + 10])[0] if typ == 3 else struct.unpack(endian + "I", t[e + 8:e + 12])[0]
+        short = typ == 3
+        v = struct.unpack(endian + ("H" if short else "I"), t[e + 8:e + (10 if short else 12)])[0]
         return int(v) if 1 <= v <= 8 else 1
   except (KeyError, struct.error, IndexError):
     pass

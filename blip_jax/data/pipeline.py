@@ -20,11 +20,12 @@ import dataclasses
 import logging
 from typing import Iterator, Optional
 
+import jax
 import numpy as np
-import tensorflow as tf
 
 from blip_jax.data import transforms as T
-from blip_jax.data.sources import Source
+from blip_jax.data.sources import Source, make_source
+from blip_jax.data.tf_setup import tf
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ class InputPipeline:
 
   def __init__(self, source: Source, tokenizer, cfg: PipelineConfig | dict, *,
                process_index: Optional[int] = None, process_count: Optional[int] = None):
-    import jax
     self.source, self.tokenizer = source, tokenizer
     self.cfg = cfg if isinstance(cfg, PipelineConfig) else PipelineConfig.from_dict(cfg)
     self.host = jax.process_index() if process_index is None else process_index
@@ -147,7 +147,8 @@ class InputPipeline:
         img = T.decode_eval(raw["image"], c.image_size)
       out = {"position": position, "image": img, "text": text, "image_id": raw["image_id"], "ok": ok}
       if task == "vqa":
-        out["answers"] = raw["answers"][:c.max_answers].to_tensor() if hasattr(raw["answers"], "to_tensor") else raw["answers"][:c.max_answers]
+        answers = raw["answers"][:c.max_answers]
+        out["answers"] = answers.to_tensor() if hasattr(answers, "to_tensor") else answers
         out["weights"] = raw["weights"][:c.max_answers]
       if task == "nlvr":  # both images get the training transform (official: the flip too)
         img2 = (T.decode_train(raw["image2"], seed + 1000, c.image_size, c.crop_scale, c.flip, c.randaug)
@@ -264,5 +265,4 @@ class InputPipeline:
 
 
 def make_pipeline(source_cfg, tokenizer, pipeline_cfg, **kw) -> InputPipeline:
-  from blip_jax.data.sources import make_source
   return InputPipeline(make_source(source_cfg), tokenizer, pipeline_cfg, **kw)

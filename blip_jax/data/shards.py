@@ -8,19 +8,22 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from tqdm import tqdm
+
 from blip_jax import fs
+from blip_jax.data.annotations import read_entries
 
 SHARD_NAME = "{:05d}.tfrecord"
 SETTINGS = "make_shards.json"
 
 
 def _bytes_feature(values):
-  from blip_jax.data import tf  # muted import, TF threads set
+  from blip_jax.data.tf_setup import tf  # noqa: PLC0415  (TensorFlow: heavy)
   return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
 
 
 def _write_shard(args):
-  from blip_jax.data import tf  # muted import, TF threads set
+  from blip_jax.data.tf_setup import tf  # noqa: PLC0415  (TensorFlow: heavy)
   out_dir, index, start, entries, image_root = args
   final = fs.join(out_dir, SHARD_NAME.format(index))
   if fs.exists(final):
@@ -49,14 +52,14 @@ def _write_shard(args):
 
 def make_shards(annotations: list[str], image_root: str, out_dir: str, per_shard: int = 1000,
                 workers: int = 2, progress: bool = True) -> dict:
-  from blip_jax.data.annotations import read_entries
   entries = read_entries(annotations)
-  settings = {"annotations": [str(fs.path(a)) for a in annotations], "image_root": str(fs.path(image_root)) if image_root else "",
+  settings = {"annotations": [str(fs.path(a)) for a in annotations],
+              "image_root": str(fs.path(image_root)) if image_root else "",
               "per_shard": per_shard, "entries": len(entries)}
   fs.resume_settings(fs.join(out_dir, SETTINGS), settings, "shards")
   # one slice per shard (O(N) overall), entry numbers kept for the default keys
-  jobs = [(out_dir, i, s, entries[s:s + per_shard], image_root) for i, s in enumerate(range(0, len(entries), per_shard))]
-  from tqdm import tqdm
+  starts = range(0, len(entries), per_shard)
+  jobs = [(out_dir, i, s, entries[s:s + per_shard], image_root) for i, s in enumerate(starts)]
   stats = {"shards": len(jobs), "written": 0, "missing_images": 0, "already_done": 0}
   with ThreadPoolExecutor(max_workers=workers) as pool, \
       tqdm(total=len(entries), unit="ex", desc="shards", disable=not progress) as bar:

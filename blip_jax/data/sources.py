@@ -19,7 +19,10 @@ from collections import Counter
 from typing import Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
+from PIL import Image, ImageDraw
+
+from blip_jax.data.annotations import check_entries, image_path, read_entries
+from blip_jax.data.tf_setup import tf
 
 
 class Source:
@@ -50,28 +53,8 @@ def _ragged(rows, dtype):
   return tf.ragged.constant(rows, dtype=dtype) if rows else tf.ragged.constant([[]], dtype=dtype)
 
 
-_NEEDS = {"caption": ("image", "caption"), "vqa": ("image", "question"), "nlvr": ("images", "sentence", "label")}
-
-
-def check_entries(entries: list, task: str, name: str) -> None:
-  """Every entry has what its task reads; the first that does not is named. Web-data lists with
-  URLs (BLIP's released ccs_filtered.json, laion_synthetic_*.json) must be downloaded first."""
-  need = _NEEDS[task]
-  for n, e in enumerate(entries):
-    if isinstance(e, dict) and all(k in e for k in need):
-      continue
-    if isinstance(e, dict) and "url" in e and "image" not in e:
-      raise ValueError(f"{name}: entry {n} has a 'url' but no 'image': this is a web-data list (as BLIP's "
-                       "released ccs_filtered.json / laion_synthetic_*.json); download the images first, e.g. "
-                       "img2dataset --input_format=json --url_col=url --caption_col=caption --output_format=tfrecord, "
-                       "then train on the shards with data.source.kind=tfrecord")
-    got = sorted(e) if isinstance(e, dict) else type(e).__name__
-    raise ValueError(f"{name}: entry {n} lacks {[k for k in need if not isinstance(e, dict) or k not in e]} "
-                     f"(has {got}); {task} annotations need {list(need)}")
-
-
 class JsonSource(Source):
-  """BLIP annotation files (blip_facts §8.1) with an image root:
+  """BLIP annotation files (official data/*_dataset.py formats) with an image root:
 
   - pretraining lists / Karpathy train: {"image", "caption": str, ["image_id"]}, one entry per caption;
   - Karpathy val/test: {"image", "caption": [str, ...]}, one entry per image;
@@ -84,7 +67,6 @@ class JsonSource(Source):
 
   def __init__(self, annotations: str | Sequence[str], image_root: str = "", task: Optional[str] = None,
                each_caption: bool = False):
-    from blip_jax.data.annotations import read_entries
     files = [annotations] if isinstance(annotations, str) else list(annotations)
     entries = read_entries(files)
     self.name = ",".join(os.path.basename(f) for f in files)
@@ -94,8 +76,7 @@ class JsonSource(Source):
     if each_caption and self.task == "caption":
       entries = [dict(e, caption=c) for e in entries
                  for c in (e["caption"] if isinstance(e["caption"], list) else [e["caption"]])]
-    root = image_root
-    path = lambda p: p if (os.path.isabs(p) or "://" in p) else os.path.join(root, p)
+    path = lambda p: image_path(p, image_root)
     ids: dict = {}
     image_key = lambda e: str(e.get("image_id", e.get("image", e.get("images", [""])[0])))
     img_ids = [ids.setdefault(image_key(e), len(ids)) for e in entries]
@@ -207,8 +188,9 @@ class TFDSSource(Source):
 
   def __init__(self, name: str, split: str = "train", data_dir: Optional[str] = None,
                image_key: str = "image", text_key: Optional[str] = None, shuffle_buffer: int = 10_000):
-    import tensorflow_datasets as tfds
-    from blip_jax.data import tfds_builders  # noqa: F401  (registers our builders)
+    import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy; TFDS sources only)
+
+    from blip_jax.data import tfds_builders  # noqa: PLC0415,F401  (registers our builders)
     self.builder = tfds.builder(name, data_dir=data_dir)
     self.name, self.split, self.image_key = name, split, image_key
     feats = self.builder.info.features
@@ -224,7 +206,7 @@ class TFDSSource(Source):
     return tf.reshape(t, [-1])
 
   def epoch_dataset(self, epoch, seed, host, hosts):
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy; TFDS sources only)
     split = tfds.split_for_jax_process(self.split, process_index=host, process_count=hosts)
     read = tfds.ReadConfig(shuffle_seed=seed * 7919 + epoch, interleave_cycle_length=4)
     ds = self.builder.as_dataset(split=split, shuffle_files=True, read_config=read,
@@ -250,7 +232,6 @@ PLACES = {"on the left": (0.0, 0.0, 0.5, 1.0), "on the right": (0.5, 0.0, 1.0, 1
 
 def synthetic_example(index: int, size: int, seed: int = 0):
   """(JPEG bytes, caption) of example `index`: count x colour x shape in a region on a background."""
-  from PIL import Image, ImageDraw
   r = np.random.RandomState((seed * 1_000_003 + index) % 2 ** 32)
   shape, color = SHAPES[r.randint(3)], list(COLORS)[r.randint(len(COLORS))]
   bg, count = list(BACKGROUNDS)[r.randint(len(BACKGROUNDS))], r.randint(1, 4)

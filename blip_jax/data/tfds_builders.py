@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 
-import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from blip_jax.data.annotations import caption_groups, read_entries
+from blip_jax.data.tf_setup import tf
 
 
 class _KarpathyBuilder(tfds.core.GeneratorBasedBuilder):
@@ -21,7 +23,7 @@ class _KarpathyBuilder(tfds.core.GeneratorBasedBuilder):
   PREFIX = ""
 
   @property
-  def MANUAL_DOWNLOAD_INSTRUCTIONS(self):  # noqa: N802
+  def MANUAL_DOWNLOAD_INSTRUCTIONS(self):
     return (f"Put {self.PREFIX}_{{train,val,test}}.json (BLIP's annotation files) and the images "
             "they name, at those relative paths, in the manual dir.")
 
@@ -38,7 +40,6 @@ class _KarpathyBuilder(tfds.core.GeneratorBasedBuilder):
             for s in ("train", "val", "test") if (d / f"{self.PREFIX}_{s}.json").exists()}
 
   def _generate_examples(self, root, ann_path):
-    from blip_jax.data.annotations import caption_groups, read_entries
     for i, g in enumerate(caption_groups(read_entries(str(ann_path)), "image", str(ann_path))):
       image, caps = g["image"], g["texts"]
       path = os.path.join(root, image)

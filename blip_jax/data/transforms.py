@@ -1,7 +1,8 @@
 """Image transforms in TF (graph mode, inside tf.data), deterministic per example.
 
-Train (blip_facts §3.4, §5, §8.3): RandomResizedCrop (torchvision's sampling; scale from config,
-bicubic) -> horizontal flip -> RandAugment(N=2, M=5) with the official op set -> uint8.
+Train (official data/__init__.py: transform_train; data/randaugment.py): RandomResizedCrop
+(torchvision's sampling; scale from config, bicubic) -> horizontal flip -> RandAugment(N=2, M=5)
+with the official op set -> uint8.
 Eval: bicubic resize to a square. CLIP normalisation happens on the device (`normalize`), so the
 host ships uint8.
 
@@ -24,10 +25,10 @@ import io
 import math
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image, ImageOps
 
 from blip_jax.data.exif import jpeg_orientation
+from blip_jax.data.tf_setup import tf
 
 FILL = 128  # official RandAugment fill colour
 

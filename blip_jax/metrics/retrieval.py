@@ -1,4 +1,5 @@
-"""Retrieval recall as the official `itm_eval` computes it (blip_facts §5.1).
+"""Retrieval recall as the official `itm_eval` computes it (official train_retrieval.py), and the
+k-candidate selection of its re-rank.
 
 Image->text: the rank of a query image is the best rank of any of its ground-truth texts in the
 row's descending order; text->image: the rank of the one ground-truth image. R@K = percent of
@@ -42,3 +43,33 @@ def recall_at_k(score_i2t: np.ndarray, score_t2i: np.ndarray, txt2img: Sequence[
   out["img_r_mean"] = (out["img_r1"] + out["img_r5"] + out["img_r10"]) / 3
   out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
   return {k: out[k] for k in KEYS}
+
+
+def topk(scores: np.ndarray, k: int) -> np.ndarray:
+  """Column indices of each row's k largest, in descending order (torch.topk's set)."""
+  part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+  order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+  return np.take_along_axis(part, order, axis=1)
+
+
+def candidate_rows(topk_i2t: np.ndarray, topk_t2i: np.ndarray, n_texts: int, per_row: int,
+                   text_length: np.ndarray | None = None):
+  """The union of both directions' candidate pairs, grouped by image into rows of at most
+  `per_row` texts; an image's texts are ordered by `text_length` (when given), so each row holds
+  texts of similar length. Returns (pairs: sorted keys image * n_texts + text, row images [R],
+  row texts [R, per_row] padded with -1)."""
+  i2t = np.repeat(np.arange(len(topk_i2t)), topk_i2t.shape[1]) * n_texts + topk_i2t.ravel()
+  t2i = topk_t2i.ravel() * n_texts + np.repeat(np.arange(len(topk_t2i)), topk_t2i.shape[1])
+  pairs = np.unique(np.concatenate([i2t, t2i]))  # sorted: by image, then text
+  images, texts = pairs // n_texts, pairs % n_texts
+  if text_length is not None:
+    order = np.lexsort((texts, text_length[texts], images))  # by image, then length
+    images, texts = images[order], texts[order]
+  starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+  row_images, row_texts = [], []
+  for s, e in zip(starts, np.r_[starts[1:], len(pairs)]):
+    for a in range(s, e, per_row):
+      t = texts[a:min(a + per_row, e)]
+      row_images.append(images[s])
+      row_texts.append(np.pad(t, (0, per_row - len(t)), constant_values=-1))
+  return pairs, np.asarray(row_images, np.int64), np.asarray(row_texts, np.int64).reshape(-1, per_row)

@@ -1,4 +1,4 @@
-"""Answering questions with the VQA model (official blip_vqa.py, blip_facts §5.3).
+"""Answering questions with the VQA model (official blip_vqa.py: generate, rank_answer).
 
 The question is encoded once ([ENC] first, cross-attending to the image) and its token states are
 the memory of the answer decoder. Two modes:
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from blip_jax.models import generate as gen
 from blip_jax.models.blip import Blip
 from blip_jax.models.config import BlipConfig
 from blip_jax.models.layers import MASK_VALUE
@@ -138,7 +139,6 @@ def generate(cfg: BlipConfig, params, states, q_mask, *, num_beams: int = 3, max
   question states. The official passes an all-ones question mask, which with its 'longest' padding
   equals masking the padding for a question alone; here padding is always masked, so an answer
   does not depend on the other questions of its batch."""
-  from blip_jax.models import generate as gen
   prompt = jnp.full((states.shape[0], 1), cfg.text.dec_id, jnp.int32)
   if num_beams > 1:
     tokens, _ = gen.beam_search(cfg, params, states, prompt, num_beams=num_beams, max_length=max_length,
@@ -151,11 +151,11 @@ def generate(cfg: BlipConfig, params, states, q_mask, *, num_beams: int = 3, max
 def encode_questions(cfg: BlipConfig, params, tokenizer, image_embeds, image_index, questions, rows: int = 0):
   """Questions (already through pre_question) about image_embeds[image_index], tokenized to 35 and
   encoded; rows > 0 pads the batch to that many rows (one compiled shape). Returns (states, mask)."""
-  from blip_jax.caption import pad_rows
   q_ids, q_mask = tokenizer(list(questions), max_length=35)
   index = np.asarray(image_index, np.int32)
-  if rows:
-    q_ids, q_mask, index = pad_rows(q_ids, rows), pad_rows(q_mask, rows), pad_rows(index, rows)
+  if rows:  # the last row repeated
+    q_ids, q_mask, index = (np.pad(np.asarray(a), [(0, rows - len(a))] + [(0, 0)] * (np.ndim(a) - 1), mode="edge")
+                            for a in (q_ids, q_mask, index))
   return question_states(cfg, params, image_embeds, index, q_ids, q_mask), q_mask
 
 

@@ -21,6 +21,7 @@ tokenizer call; passing ids that already carry it changes nothing.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from blip_jax.models.config import BlipConfig
@@ -40,7 +41,6 @@ def _l2_normalize(x, eps=1e-12):
 def _torch_linear_init(fan_in: int):
   """torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
   def init(key, shape, dtype=jnp.float32):
-    import jax
     return jax.random.uniform(key, shape, dtype, -1.0 / fan_in ** 0.5, 1.0 / fan_in ** 0.5)
   return init
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any
 
-# The roles of the text transformer and the tower layout of each model kind (blip_facts §2.4, §7.3).
+# The roles of the text transformer and the tower layout of each model kind (official models/blip*.py).
 KINDS = ("pretrain", "retrieval", "caption", "vqa", "nlvr")
 
 
@@ -57,7 +57,7 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BlipConfig:
-  """One BLIP model. `kind` decides which towers exist (blip_facts §7.3):
+  """One BLIP model. `kind` decides which towers exist (official models/blip*.py):
 
   pretrain:  ViT + one text transformer whose encoder and decoder share every weight except
              self-attention (two self-attention sets per layer) + LM head, projections, ITM head, temp.

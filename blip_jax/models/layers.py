@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-MASK_VALUE = -10000.0  # official BLIP/BERT additive mask value (blip_facts §0.7)
+MASK_VALUE = -10000.0  # official BLIP/BERT additive mask value (transformers 4.15 get_extended_attention_mask)
 
 # Logical axis names used on parameters. The trainer maps them to mesh axes with rules (data).
 #   embed: model width (vision or text), mlp: FFN hidden, heads: attention projection output,

@@ -4,7 +4,7 @@ Embeddings: word + absolute position -> LayerNorm -> dropout (no token types).
 Layer: self-attention -> [cross-attention to image (or question) tokens] -> FFN; post-LN, eps 1e-12.
 The pretraining model keeps two self-attention sets per layer (`self_attn` for the encoder roles,
 `self_attn_dec` for the decoder) and shares everything else, which is exactly the official
-tie_encoder_decoder_weights(skip_key='/attention') sharing (blip_facts §2.6).
+tie_encoder_decoder_weights(skip_key='/attention') sharing (official blip_pretrain.py).
 
 Incremental decoding (`decode=True`) keeps a self-attention KV cache in the 'cache' collection and
 computes the cross-attention keys/values once per image (stored in the same collection).
@@ -18,8 +18,17 @@ import jax
 import jax.numpy as jnp
 
 from blip_jax.models.config import TextConfig
-from blip_jax.models.layers import (Dtype, causal_bias, dense, dot_product_attention, gelu, layer_norm,
-                                    normal, padding_bias, param_init)
+from blip_jax.models.layers import (
+  Dtype,
+  causal_bias,
+  dense,
+  dot_product_attention,
+  gelu,
+  layer_norm,
+  normal,
+  padding_bias,
+  param_init,
+)
 
 
 class BertAttention(nn.Module):

@@ -9,8 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from blip_jax.models.config import VisionConfig
-from blip_jax.models.layers import (DropPath, Dtype, dense, dot_product_attention, gelu,
-                                    layer_norm, normal, param_init)
+from blip_jax.models.layers import DropPath, Dtype, dense, dot_product_attention, gelu, layer_norm, normal, param_init
 
 
 class Attention(nn.Module):

@@ -1,26 +1,40 @@
-"""Image captioning (blip_facts §5.2): generation over an annotation file, COCO caption metrics,
-and the per-epoch evaluation of caption fine-tuning.
+"""Image captioning (the paper §5.2; official train_caption.py, eval_nocaps.py): generation over an
+annotation file, COCO caption metrics, and the per-epoch evaluation of caption fine-tuning.
 
 The official evaluation: every image of the split is resized (bicubic, 384) and captioned with the
 prompt "a picture of " (beam 3, max 20, min 5 tokens counting the prompt; NoCaps adds a repetition
 penalty 1.1); the captions are written in the COCO results format [{"image_id", "caption"}] and
 scored with pycocoevalcap against the split's references (blip_jax.metrics.caption).
 
-Across hosts: process p captions images p, p+P, ...; the captions (as UTF-8 bytes) are gathered,
-so every process returns all of them; within a host a batch is split over the local devices.
+Across hosts (blip_jax.parallel.run_sharded): process p captions batches p, p+P, ...; the captions
+(as UTF-8 bytes) are gathered, so every process returns all of them; within a host a batch is
+split over the local devices.
 """
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import html
 import io
-import os
 import subprocess
 import sys
 import time
-from typing import Optional
 
+import jax
 import numpy as np
+from PIL import Image
+
+from blip_jax import fs, objectives
+from blip_jax.api import require
+from blip_jax.data.eval_sets import CaptionSet, read_caption_set  # noqa: F401 (the task's reader, re-exported)
+from blip_jax.distributed import bytes_to_texts, texts_to_bytes
+from blip_jax.metrics.caption import format_metrics as fm
+from blip_jax.metrics.caption import score_captions
+from blip_jax.models.generate import LENGTH_NORMALIZATIONS
+from blip_jax.parallel import DataParallel, chunks, pad_rows, run_sharded
+from blip_jax.preprocess import preprocess, to_pil
+from blip_jax.tasks import Task
 
 # The official settings (train_caption.py / configs/caption_coco.yaml, eval_nocaps.py / nocaps.yaml)
 DECODING = {
@@ -31,98 +45,52 @@ PROMPT = "a picture of "
 _CAPTION_BYTES = 1024  # a caption as gathered across hosts (20 tokens are far shorter)
 
 
-@dataclasses.dataclass
-class CaptionSet:
-  """The images of an evaluation split, their ids and (when known) their reference captions."""
-  paths: list
-  image_ids: list
-  references: Optional[dict]  # {image_id: [captions]}, None when the split has none (NoCaps)
-
-
-def read_caption_set(annotations: str, image_root: str = "", gt: str = "") -> CaptionSet:
-  """A Karpathy-style split ([{"image", "caption": [..]}], entries of one image merged), or images
-  alone ([{"image", "img_id"}], NoCaps). Image ids: the entry's "image_id" / "img_id", else the
-  number in the file name (the official code's rule). References: the entries' captions, or a
-  COCO-format file `gt` (e.g. coco_karpathy_test_gt.json), which must cover every image."""
-  from blip_jax.data.annotations import caption_groups, read_entries
-  from blip_jax.metrics.caption import image_id_of, read_coco_references
-  groups = caption_groups(read_entries(annotations), "image", annotations, captions_required=False)
-  paths, ids, refs, seen = [], [], {}, {}
-  for g in groups:
-    i = image_id_of(g)
-    if i in seen:
-      raise ValueError(f"{annotations}: image id {i!r} names two images ({seen[i]}, {g['image']})")
-    seen[i] = g["image"]
-    paths.append(g["image"] if os.path.isabs(g["image"]) or "://" in g["image"] else os.path.join(image_root, g["image"]))
-    ids.append(i)
-    if g["texts"]:
-      refs[i] = g["texts"]
-  if gt:
-    refs = read_coco_references(gt)
-    missing = [i for i in ids if i not in refs]
-    if missing:
-      raise ValueError(f"{gt}: no references for {len(missing)} of the {len(ids)} images, e.g. image ids "
-                       f"{missing[:3]} (the annotations' ids: the 'image_id' field or the file name's number)")
-    refs = {i: refs[i] for i in ids}
-  elif refs and len(refs) != len(ids):
-    raise ValueError(f"{annotations}: {len(ids) - len(refs)} images have no 'caption'; give references for all "
-                     "or none (then pass --gt)")
-  return CaptionSet(paths, ids, refs or None)
-
-
 # ---- generation ---------------------------------------------------------------------------------
 def generate_captions(model, paths: list, *, batch_size: int = 32, prompt: str = PROMPT, progress: bool = True,
                       workers: int = 8, devices=None, **decoding):
-  """Captions of `paths` (this process: p, p+P, ...; all gathered). Returns (captions [str | None],
+  """Captions of `paths` (host p: batches p, p+P, ...; all gathered). Returns (captions [str | None],
   {index: error} of the undecodable images, {"encode_s", "decode_s", "images"} of this process)."""
-  import jax
-  from tqdm import tqdm
-  from blip_jax.caption import DataParallel, map_ahead, pad_rows
-  from blip_jax.preprocess import ImageDecodeError, preprocess
-  if model.tokenizer is None:
-    raise ValueError("the checkpoint has no tokenizer: pass --vocab path/to/vocab.txt")
-  P, me = jax.process_count(), jax.process_index()
+  check_model(model)
   dp = DataParallel(devices)
   model.params = dp.put_params(model.params)
   size = model.config.vision.image_size
-  mine = np.arange(me, len(paths), P)
-  rows = dp.round_batch(min(batch_size, max(len(mine), 1)))
+  rows = dp.round_batch(min(batch_size, max(-(-len(paths) // jax.process_count()), 1)))
+  stats = {"encode_s": 0.0, "decode_s": 0.0, "images": 0}
 
-  def load(i):
-    try:
-      return i, preprocess([paths[i]], size)[0], None
-    except ImageDecodeError as e:
-      return i, None, str(e)
+  def predict(batch, decoded):
+    good = [(j, x) for j, (_, x, _) in enumerate(decoded) if x is not None]
+    if not good:
+      return None
+    t0 = time.time()
+    embeds = model.encode_image(dp.put_batch(pad_rows(np.stack([x for _, x in good]), rows)))
+    embeds.block_until_ready()
+    t1 = time.time()
+    texts = model.generate_from_embeds(embeds, prompt, **decoding)
+    stats["encode_s"] += t1 - t0
+    stats["decode_s"] += time.time() - t1
+    stats["images"] += len(good)
+    row = [None] * rows
+    for (j, _), t in zip(good, texts):
+      row[j] = t
+    return texts_to_bytes(row, _CAPTION_BYTES)
 
-  local = [None] * len(mine)
-  errors, stats = {}, {"encode_s": 0.0, "decode_s": 0.0, "images": 0}
-  with tqdm(total=len(mine), unit="img", desc="captioning", file=sys.stderr, disable=not progress, leave=False) as bar:
-    for results in map_ahead(load, (mine[s:s + rows] for s in range(0, len(mine), rows)), workers=workers):
-      good = [(i, x) for i, x, _ in results if x is not None]
-      errors.update({i: e for i, _, e in results if e is not None})
-      if good:
-        t0 = time.time()
-        embeds = model.encode_image(dp.put_batch(pad_rows(np.stack([x for _, x in good]), rows)))
-        embeds.block_until_ready()
-        t1 = time.time()
-        texts = model.generate_from_embeds(embeds, prompt, **decoding)
-        stats["encode_s"] += t1 - t0
-        stats["decode_s"] += time.time() - t1
-        stats["images"] += len(good)
-        for (i, _), t in zip(good, texts):
-          local[i // P] = t
-      bar.update(len(results))
-  for i, e in sorted(errors.items()):
-    print(f"warning: skipped {e}", file=sys.stderr)
-  return _gather_captions(local, len(paths), P, me), errors, stats
+  batches = chunks(len(paths), rows)
+  every, bad = run_sharded(batches, predict, (rows, _CAPTION_BYTES + 1), np.uint8,
+                           files=lambda b: [paths[i] for i in b], decode=lambda p: preprocess([p], size)[0],
+                           desc="captioning", unit="img", progress=progress, workers=workers)
+  captions = [None] * len(paths)
+  errors = {}
+  for b, batch in enumerate(batches):
+    for i, t in zip(batch, bytes_to_texts(every[b])):
+      captions[i] = t
+      if paths[i] in bad:
+        errors[i] = bad[paths[i]]
+  return captions, errors, stats
 
 
-def _gather_captions(local: list, n: int, count: int, index: int) -> list:
-  """Process p's captions of images p, p+P, ... -> every image's caption (None: not decodable)."""
-  if count == 1:
-    return local
-  from blip_jax.train.launch import allgather_strided, bytes_to_texts, texts_to_bytes
-  return bytes_to_texts(allgather_strided(texts_to_bytes(local, _CAPTION_BYTES), n, count, index))
+def check_model(model, name: str = ""):
+  require(model, "captioning", kinds=("caption", "pretrain"), name=name,
+          hint="a caption decoder: a caption or pretraining checkpoint")
 
 
 # ---- the evaluation -----------------------------------------------------------------------------
@@ -141,8 +109,6 @@ class CaptionResult:
 def evaluate_captions(model, cset: CaptionSet, *, batch_size: int = 32, prompt: str = PROMPT, spice: str = "auto",
                       progress: bool = True, score: bool = True, **decoding) -> CaptionResult:
   """Captions every image of `cset` (official decoding unless overridden) and scores them."""
-  import contextlib
-  from blip_jax.metrics.caption import score_captions
   decoding = {**DECODING["coco"], **decoding}
   t0 = time.time()
   caps, errors, stats = generate_captions(model, cset.paths, batch_size=batch_size, prompt=prompt,
@@ -173,7 +139,6 @@ def evaluate_captions(model, cset: CaptionSet, *, batch_size: int = 32, prompt: 
 def write_outputs(result: CaptionResult, out_dir: str, *, html_page: bool = False, thumbnail: int = 160) -> None:
   """DIR/captions.json (COCO results format; NoCaps: the evaluation server's file), DIR/metrics.json
   and, with html_page, DIR/captions.html. DIR may be a URL; each file appears whole."""
-  from blip_jax import fs
   fs.write_json(fs.join(out_dir, "captions.json"), result.results)
   fs.write_json(fs.join(out_dir, "metrics.json"), {
       **result.metrics, "skipped_metrics": result.skipped_metrics,
@@ -187,9 +152,8 @@ def write_outputs(result: CaptionResult, out_dir: str, *, html_page: bool = Fals
 def render_html(result: CaptionResult, thumbnail: int = 160) -> str:
   """A page of thumbnails with the generated and reference captions and per-image CIDEr, worst first
   (images without a score last)."""
-  import base64
-  from PIL import Image
-  from blip_jax.preprocess import to_pil
+
+
   cider = result.per_image.get("CIDEr", {})
   order = sorted(result.captions, key=lambda i: (i not in cider, cider.get(i, 0.0)))
   path_of = dict(zip(result.cset.image_ids, result.cset.paths))
@@ -218,7 +182,6 @@ def render_html(result: CaptionResult, thumbnail: int = 160) -> str:
 
 
 def format_metrics(result: CaptionResult) -> str:
-  from blip_jax.metrics.caption import format_metrics as fm
   out = fm(result.metrics) or "no metrics"
   for k, why in result.skipped_metrics.items():
     out += f"\n{k} skipped: {why}"
@@ -229,7 +192,6 @@ def format_metrics(result: CaptionResult) -> str:
 def check_training_config(c):
   """Eval splits readable (and their references complete), the decoding settings valid, before
   any compute."""
-  from blip_jax.models.generate import LENGTH_NORMALIZATIONS
   if c.eval.length_normalization not in LENGTH_NORMALIZATIONS:
     raise ValueError(f"eval.length_normalization must be one of {LENGTH_NORMALIZATIONS}")
   if c.eval.spice not in ("auto", "download", "off"):
@@ -261,10 +223,14 @@ def evaluate_splits(c, model) -> dict:
     if not samples and c.eval.samples:
       ids = [i for i in cs.image_ids if i in r.captions][:c.eval.samples]
       path_of = dict(zip(cs.image_ids, cs.paths))
-      from blip_jax.preprocess import to_pil
-      from PIL import Image
+
       imgs = np.stack([np.asarray(to_pil(path_of[i]).convert("RGB").resize((128, 128), Image.BICUBIC)) for i in ids])
       samples[f"{split}/captions"] = (imgs, [f"{i}: {r.captions[i]}  (reference: {cs.references[i][0]})" for i in ids])
   if samples:
     out["samples"] = samples
   return out
+
+
+# official train_caption.py: the best epoch by val CIDEr + BLEU-4
+TASK = Task("caption", "caption", objectives.caption_lm, check_config=check_training_config,
+            evaluate=evaluate_splits, select="val/CIDEr+Bleu_4", shown=("CIDEr", "Bleu_4"))

@@ -1,7 +1,8 @@
-"""NLVR2 (blip_facts §5.4, §6.4): does a sentence hold for a pair of images. Predicting an
-annotation file, the accuracy, and the per-epoch evaluation of NLVR2 fine-tuning.
+"""NLVR2 (the paper §5.4; official models/blip_nlvr.py, data/nlvr_dataset.py): does a sentence
+hold for a pair of images. Predicting an annotation file, the accuracy, and the per-epoch
+evaluation of NLVR2 fine-tuning.
 
-Annotations (BLIP's nlvr_{train,dev,test}.json, §8.1): [{"images": [left, right], "sentence",
+Annotations (BLIP's nlvr_{train,dev,test}.json): [{"images": [left, right], "sentence",
 "label": "True" | "False"}]; NLVR2's own "identifier" is kept when present, else an example is
 numbered by its place in the file. Sentences go through pre_caption(s, 40). The official
 evaluation also swaps the pair at random (its dataset class augments every split); here the pair
@@ -9,59 +10,20 @@ is read in the file's order, so a run is deterministic.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import os
+import json
 import random
-import sys
 import time
-from typing import Optional
 
 import numpy as np
 
-MAX_WORDS = 40  # official nlvr_dataset: pre_caption(sentence, 40)
-
-
-@dataclasses.dataclass
-class Pair:
-  example_id: object
-  sentence: str  # after pre_caption(s, 40)
-  paths: tuple  # (left image, right image)
-  label: Optional[int]  # 1: the sentence is true of the pair; None: unknown
-
-
-def _label(value, where: str) -> Optional[int]:
-  if value is None:
-    return None
-  if isinstance(value, bool):
-    return int(value)
-  if str(value) in ("True", "False"):
-    return int(str(value) == "True")
-  raise ValueError(f"{where}: label {value!r} is neither 'True' nor 'False'")
-
-
-def read_pairs(annotations, image_root: str = "") -> tuple[list, list]:
-  """(pairs, skipped): the entries of one or more NLVR2 annotation files; skipped are
-  (example_id, reason) of sentences left empty by pre_caption."""
-  from blip_jax.data.annotations import read_entries
-  from blip_jax.tokenizers import pre_caption
-  out, skipped, seen = [], [], set()
-  path = lambda p: p if os.path.isabs(p) or "://" in p else os.path.join(image_root, p)
-  for n, e in enumerate(read_entries(annotations)):
-    ok = isinstance(e, dict) and "sentence" in e and isinstance(e.get("images"), list) and len(e["images"]) == 2
-    if not ok:
-      raise ValueError(f"{annotations}: entry {n} is not {{'images': [left, right], 'sentence', 'label'}} (got "
-                       f"{sorted(e) if isinstance(e, dict) else type(e).__name__}); NLVR2 annotations are BLIP's "
-                       "nlvr_*.json")
-    eid = e.get("identifier", n)
-    if eid in seen:
-      raise ValueError(f"{annotations}: identifier {eid!r} appears twice")
-    seen.add(eid)
-    sentence = pre_caption(e["sentence"], MAX_WORDS) if isinstance(e["sentence"], str) else ""
-    if not sentence:
-      skipped.append((eid, f"empty sentence {e['sentence']!r}"))
-      continue
-    out.append(Pair(eid, sentence, tuple(path(p) for p in e["images"]), _label(e.get("label"), f"entry {n}")))
-  return out, skipped
+from blip_jax import fs, objectives
+from blip_jax.api import require
+from blip_jax.data.eval_sets import Pair, read_pairs  # noqa: F401 (the task's reader, re-exported)
+from blip_jax.parallel import DataParallel, chunks, run_sharded
+from blip_jax.preprocess import preprocess
+from blip_jax.tasks import Task
 
 
 def _bucket(length: int) -> int:
@@ -74,68 +36,52 @@ def predict(model, pairs: list, *, batch_size: int = 64, progress: bool = True, 
   """Logits of every pair. Returns ({pair index: (logit_false, logit_true)}, {image path: error} of
   undecodable images, stats). Batches are split over local devices and hosts (host p takes
   batches p, p+P, ...); every host returns every prediction."""
-  import jax
-  from tqdm import tqdm
-  from blip_jax.caption import DataParallel, map_ahead
-  from blip_jax.preprocess import ImageDecodeError, preprocess
-  from blip_jax.train.launch import allgather_strided
-  if model.config.kind != "nlvr":
-    raise ValueError(f"the checkpoint is a {model.config.kind!r} model; NLVR2 needs an NLVR2 model (an NLVR2 "
-                     "checkpoint, or fine-tune one: configs/nlvr.py)")
-  if model.tokenizer is None:
-    raise ValueError("the checkpoint has no tokenizer: pass --vocab path/to/vocab.txt")
-  P, me = jax.process_count(), jax.process_index()
+  check_model(model)
   dp = DataParallel(devices)
   model.params = dp.put_params(model.params)
   size = model.config.vision.image_size
   bs = dp.round_batch(batch_size)
-  batches = [list(range(s, min(s + bs, len(pairs)))) for s in range(0, len(pairs), bs)]
-  mine = list(range(me, len(batches), P))
+  stats = {"pairs": 0, "model_s": 0.0}
 
-  def load(path):
-    try:
-      return path, preprocess([path], size)[0], None
-    except ImageDecodeError as e:
-      return path, None, str(e)
+  def predict_batch(rows, decoded):
+    bad = {p for p, _, e in decoded if e is not None}
+    keep = [j for j, i in enumerate(rows) if not any(p in bad for p in pairs[i].paths)]
+    if not keep:
+      return None
+    t0 = time.time()
+    pix = np.zeros((2, bs, size, size, 3), np.float32)
+    for j in keep:
+      pix[0, j], pix[1, j] = decoded[2 * j][1], decoded[2 * j + 1][1]
+    sentences = [pairs[rows[j]].sentence if j in keep else "" for j in range(bs)]
+    longest = max(len(model.tokenizer.encode(s)) + 2 for s in sentences)
+    ids, mask = model.tokenizer(sentences, max_length=_bucket(longest), padding="max_length", truncation=False)
+    logits = np.asarray(model.nlvr_logits(dp.put_batch(pix[0]), dp.put_batch(pix[1]), dp.put_batch(ids),
+                                          dp.put_batch(mask)))
+    stats["model_s"] += time.time() - t0
+    stats["pairs"] += len(keep)
+    out = np.zeros((bs, 3), np.float32)  # logit false, logit true, 1 where predicted
+    out[keep, :2], out[keep, 2] = logits[keep], 1.0
+    return out
 
-  local = np.zeros((len(mine), bs, 3), np.float32)  # logit false, logit true, 1 where predicted
-  errors, stats = {}, {"pairs": 0, "model_s": 0.0}
-  paths_of = lambda b: [p for i in batches[b] for p in pairs[i].paths]
-  with tqdm(total=sum(len(batches[b]) for b in mine), unit="pair", desc="nlvr2", file=sys.stderr,
-            disable=not progress, leave=False) as bar:
-    for r, loaded in enumerate(map_ahead(load, (paths_of(b) for b in mine), workers=workers)):
-      rows = batches[mine[r]]
-      bad = {p: e for p, _, e in loaded if e is not None}
-      errors.update(bad)
-      keep = [j for j, i in enumerate(rows) if not any(p in bad for p in pairs[i].paths)]
-      if keep:
-        t0 = time.time()
-        pix = np.zeros((2, bs, size, size, 3), np.float32)
-        for j in keep:
-          pix[0, j], pix[1, j] = loaded[2 * j][1], loaded[2 * j + 1][1]
-        sentences = [pairs[rows[j]].sentence if j in keep else "" for j in range(bs)]
-        longest = max(len(model.tokenizer.encode(s)) + 2 for s in sentences)
-        ids, mask = model.tokenizer(sentences, max_length=_bucket(longest), padding="max_length", truncation=False)
-        logits = np.asarray(model.nlvr_logits(dp.put_batch(pix[0]), dp.put_batch(pix[1]), dp.put_batch(ids),
-                                              dp.put_batch(mask)))
-        stats["model_s"] += time.time() - t0
-        stats["pairs"] += len(keep)
-        local[r, keep, :2] = logits[keep]
-        local[r, keep, 2] = 1.0
-      bar.update(len(rows))
-  every = allgather_strided(local, len(batches), P, me)
+  batches = chunks(len(pairs), bs)
+  every, errors = run_sharded(batches, predict_batch, (bs, 3), np.float32,
+                              files=lambda rows: [p for i in rows for p in pairs[i].paths],
+                              decode=lambda p: preprocess([p], size)[0], desc="nlvr2", unit="pair",
+                              progress=progress, workers=workers)
   out = {}
   for b, rows in enumerate(batches):
     for j, i in enumerate(rows):
       if every[b, j, 2] > 0:
         out[i] = (float(every[b, j, 0]), float(every[b, j, 1]))
-  if P > 1:  # every host reports every undecodable image
-    for i, p in enumerate(pairs):
-      if i not in out and not any(x in errors for x in p.paths):
-        errors.update({x: "not decodable (on another host)" for x in p.paths})
-  for path, e in sorted(errors.items()):
-    print(f"warning: skipped {e}", file=sys.stderr)
+  for i, p in enumerate(pairs):  # every host reports every undecodable image
+    if i not in out and not any(x in errors for x in p.paths):
+      errors.update({x: "not decodable (on another host)" for x in p.paths})
   return out, errors, stats
+
+
+def check_model(model, name: str = ""):
+  require(model, "NLVR2", kinds=("nlvr",), name=name, hint="an NLVR2 checkpoint (model_base_nlvr.pth, or fine-tune "
+          "one: configs/nlvr.py)")
 
 
 @dataclasses.dataclass
@@ -162,7 +108,8 @@ def evaluate_nlvr(model, pairs: list, *, skipped=(), batch_size: int = 64, progr
       scored += 1
       correct += int((l1 > l0) == bool(p.label))
     preds.append(row)
-  skipped = list(skipped) + [(p.example_id, "image not decodable: " + "; ".join(errors[x] for x in p.paths if x in errors))
+  why = lambda p: "image not decodable: " + "; ".join(errors[x] for x in p.paths if x in errors)
+  skipped = list(skipped) + [(p.example_id, why(p))
                              for i, p in enumerate(pairs) if i not in logits]
   metrics = {"accuracy": 100.0 * correct / scored, "scored": scored, "correct": correct} if scored else {}
   return NLVRResult(preds, metrics, skipped, stats)
@@ -170,7 +117,6 @@ def evaluate_nlvr(model, pairs: list, *, skipped=(), batch_size: int = 64, progr
 
 def write_outputs(result: NLVRResult, out_dir: str) -> None:
   """DIR/predictions.json and DIR/metrics.json; each file appears whole."""
-  from blip_jax import fs
   fs.write_json(fs.join(out_dir, "predictions.json"), result.predictions, indent=1)
   fs.write_json(fs.join(out_dir, "metrics.json"), {
       **result.metrics, "predicted": len(result.predictions),
@@ -208,6 +154,11 @@ def evaluate_splits(c, model) -> dict:
       r = evaluate_nlvr(model, pairs, skipped=skipped, batch_size=c.eval.batch_size, progress=False)
       out[f"{split}/accuracy"] = r.metrics.get("accuracy", 0.0)
   return out
+
+
+# official train_nlvr.py: the best epoch by val accuracy
+TASK = Task("nlvr", "nlvr", objectives.nlvr_pair, log_terms="(acc {nlvr_acc:.3f})", check_config=check_training_config,
+            evaluate=evaluate_splits, select="val/accuracy", shown=("accuracy",))
 
 
 # ---- demo data ----------------------------------------------------------------------------------
@@ -261,14 +212,11 @@ def main(argv=None):
   """python -m blip_jax.tasks.nlvr --out DIR: the demo's files from COCO-mini: train.json and
   dev.json (see demo_pairs), retrieval_train.json and retrieval_held.json for the retrieval run it
   starts from (see retrieval_demo_annotations)."""
-  import argparse
-  import json
   p = argparse.ArgumentParser(description=main.__doc__)
   p.add_argument("--coco", default="../shared/data/coco_karpathy_mini/captions_karpathy_val.json")
   p.add_argument("--images", type=int, default=16)
   p.add_argument("--out", required=True)
   a = p.parse_args(argv)
-  from blip_jax import fs
   train, dev = demo_pairs(json.loads(fs.read_text(a.coco)), a.images)
   fs.makedirs(a.out)
   fs.write_json(fs.join(a.out, "train.json"), train)

@@ -1,7 +1,7 @@
-"""Visual question answering (blip_facts §5.3): answering an annotation file, the VQA accuracy, and
-the per-epoch evaluation of VQA fine-tuning.
+"""Visual question answering (the paper §5.3; official models/blip_vqa.py, train_vqa.py): answering an
+annotation file, the VQA accuracy, and the per-epoch evaluation of VQA fine-tuning.
 
-Annotations (official files, §8.1): [{"question_id", "question", "image", ["answer": [human
+Annotations (the official vqa_*.json files): [{"question_id", "question", "image", ["answer": [human
 answers] | str], ["answers": [...]], ["answer_type"]}]; an entry without question_id is numbered
 by its place in the file. Questions go through pre_question (35 tokens); an empty one is skipped
 and counted. Questions are grouped by image, so an image asked several questions is decoded and
@@ -11,76 +11,25 @@ every process returns all of them.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import time
 from typing import Optional
 
 import numpy as np
 
+from blip_jax import fs, objectives
+from blip_jax.api import require
+from blip_jax.data.eval_sets import Question, read_answer_list, read_questions  # noqa: F401 (re-exported)
+from blip_jax.distributed import bytes_to_texts, texts_to_bytes
+from blip_jax.metrics.vqa import vqa_accuracy
+from blip_jax.models import answer as A
+from blip_jax.parallel import DataParallel, run_sharded
+from blip_jax.preprocess import preprocess
+from blip_jax.tasks import Task
+
 # The official settings (configs/vqa.yaml, blip_vqa.py)
 RANK_K = 128
 GENERATE = dict(num_beams=3, max_length=10, min_length=1)
 _ANSWER_BYTES = 256
-
-
-@dataclasses.dataclass
-class Question:
-  question_id: object
-  question: str  # after pre_question
-  path: str
-  answers: Optional[list]  # human answers (None: unknown, e.g. test-dev)
-  answer_type: Optional[str] = None
-
-
-def _human_answers(e: dict):
-  """An entry's reference answers: "answers" (strings, or VQA's {"answer": ...} dicts), else
-  "answer" (a list, or one string)."""
-  for key in ("answers", "answer"):
-    a = e.get(key)
-    if isinstance(a, list) and a:
-      return [x["answer"] if isinstance(x, dict) else str(x) for x in a]
-    if isinstance(a, str) and a:
-      return [a]
-  return None
-
-
-def read_questions(annotations, image_root: str = "") -> tuple[list, list]:
-  """(questions, skipped): the entries of one or more VQA annotation files; skipped are
-  (question_id, reason) of empty questions."""
-  from blip_jax.data.annotations import read_entries
-  from blip_jax.tokenizers import pre_question
-  out, skipped, seen = [], [], set()
-  for n, e in enumerate(read_entries(annotations)):
-    if not isinstance(e, dict) or "question" not in e or "image" not in e:
-      raise ValueError(f"{annotations}: entry {n} has no 'question' and 'image' (got "
-                       f"{sorted(e) if isinstance(e, dict) else type(e).__name__}); VQA annotations are "
-                       "[{'question_id', 'question', 'image', ['answer']}, ...]")
-    qid = e.get("question_id", n)
-    if qid in seen:
-      raise ValueError(f"{annotations}: question_id {qid!r} appears twice")
-    seen.add(qid)
-    q = pre_question(e["question"]) if isinstance(e["question"], str) else ""
-    if not q.strip():
-      skipped.append((qid, f"empty question {e['question']!r}"))
-      continue
-    img = e["image"]
-    path = img if os.path.isabs(img) or "://" in img else os.path.join(image_root, img)
-    out.append(Question(qid, q, path, _human_answers(e), e.get("answer_type")))
-  return out, skipped
-
-
-def read_answer_list(path: str) -> list:
-  """answer_list.json: a non-empty JSON list of strings."""
-  from blip_jax import fs
-  import json
-  try:
-    answers = json.loads(fs.read_text(path))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: cannot read the answer list ({e})") from None
-  if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-    raise ValueError(f"{path}: the answer list must be a non-empty JSON list of non-empty strings")
-  return answers
 
 
 def _batches(questions: list, batch_size: int) -> list:
@@ -109,78 +58,60 @@ def answer_questions(model, questions: list, candidates: Optional[list] = None, 
                      length_normalization: str = "official", **generate):
   """Answers (rank over `candidates`, else generation). Returns ({question index: answer},
   {image path: error} of undecodable images, stats)."""
-  import jax
-  from tqdm import tqdm
-  from blip_jax.caption import DataParallel, map_ahead
-  from blip_jax.models import answer as A
-  from blip_jax.preprocess import ImageDecodeError, preprocess
-  from blip_jax.train.launch import allgather_strided, bytes_to_texts, texts_to_bytes
-  if model.config.kind != "vqa":
-    raise ValueError(f"the checkpoint is a {model.config.kind!r} model; VQA needs a VQA model (a VQA checkpoint, "
-                     "or an official pretraining .pth loaded with kind='vqa', or fine-tune one)")
-  if model.tokenizer is None:
-    raise ValueError("the checkpoint has no tokenizer: pass --vocab path/to/vocab.txt")
-  cfg, t = model.config, model.config.text
-  cands = A.tokenize_candidates(model.tokenizer, candidates, t.sep_id) if candidates is not None else None
+  check_model(model)
+  cfg = model.config
+  cands = A.tokenize_candidates(model.tokenizer, candidates, cfg.text.sep_id) if candidates is not None else None
   generate = {**GENERATE, **generate}
-  P, me = jax.process_count(), jax.process_index()
   dp = DataParallel(devices)
   model.params = dp.put_params(model.params)
-  params = model.params
-  size = cfg.vision.image_size
-  bs = dp.round_batch(batch_size)
+  params, size, bs = model.params, cfg.vision.image_size, dp.round_batch(batch_size)
   batches = _batches(questions, bs)
-  mine = list(range(me, len(batches), P))
+  stats = {"encode_s": 0.0, "answer_s": 0.0, "questions": 0, "images": 0}
 
-  def load(path):
-    try:
-      return path, preprocess([path], size)[0], None
-    except ImageDecodeError as e:
-      return path, None, str(e)
+  def predict(batch, decoded):
+    paths, rows, where = batch
+    bad = {p for p, _, e in decoded if e is not None}
+    keep = [j for j, w in enumerate(where) if paths[w] not in bad]
+    if not keep:
+      return None
+    t0 = time.time()
+    pix = np.zeros((bs, size, size, 3), np.float32)
+    for j, (_, x, _) in enumerate(decoded):
+      if x is not None:
+        pix[j] = x
+    embeds = model.encode_image(dp.put_batch(pix))
+    states, q_mask = A.encode_questions(cfg, params, model.tokenizer, embeds, [where[j] for j in keep],
+                                        [questions[rows[j]].question for j in keep], rows=bs)
+    states.block_until_ready()
+    t1 = time.time()
+    texts = A.answers_from_states(cfg, params, model.tokenizer, states, q_mask, cands, k=k,
+                                  length_normalization=length_normalization, **generate)
+    stats["encode_s"] += t1 - t0
+    stats["answer_s"] += time.time() - t1
+    stats["questions"] += len(keep)
+    stats["images"] += len(paths) - len(bad)
+    row_texts = [None] * bs  # slot j: the batch's j-th question (None: its image failed)
+    for n, j in enumerate(keep):
+      row_texts[j] = texts[n]
+    return texts_to_bytes(row_texts, _ANSWER_BYTES)
 
-  local = np.zeros((len(mine), bs, _ANSWER_BYTES + 1), np.uint8)
-  errors, stats = {}, {"encode_s": 0.0, "answer_s": 0.0, "questions": 0, "images": 0}
-  with tqdm(total=sum(len(batches[b][1]) for b in mine), unit="q", desc="answering", file=sys.stderr,
-            disable=not progress, leave=False) as bar:
-    for r, loaded in enumerate(map_ahead(load, (batches[b][0] for b in mine), workers=workers)):
-      paths, rows, where = batches[mine[r]]
-      bad = {p: e for p, _, e in loaded if e is not None}
-      errors.update(bad)
-      keep = [j for j, w in enumerate(where) if paths[w] not in bad]
-      if keep:
-        t0 = time.time()
-        pix = np.zeros((bs, size, size, 3), np.float32)
-        for j, (_, x, _) in enumerate(loaded):
-          if x is not None:
-            pix[j] = x
-        embeds = model.encode_image(dp.put_batch(pix))
-        states, q_mask = A.encode_questions(cfg, params, model.tokenizer, embeds, [where[j] for j in keep],
-                                            [questions[rows[j]].question for j in keep], rows=bs)
-        states.block_until_ready()
-        t1 = time.time()
-        texts = A.answers_from_states(cfg, params, model.tokenizer, states, q_mask, cands, k=k,
-                                      length_normalization=length_normalization, **generate)
-        stats["encode_s"] += t1 - t0
-        stats["answer_s"] += time.time() - t1
-        stats["questions"] += len(keep)
-        stats["images"] += len(paths) - len(bad)
-        row_texts = [None] * bs  # slot j: the batch's j-th question (None: its image failed)
-        for n, j in enumerate(keep):
-          row_texts[j] = texts[n]
-        local[r] = texts_to_bytes(row_texts, _ANSWER_BYTES)
-      bar.update(len(rows))
-  every = allgather_strided(local, len(batches), P, me)  # one process: its own rows, every batch
+  every, errors = run_sharded(batches, predict, (bs, _ANSWER_BYTES + 1), np.uint8, files=lambda b: b[0],
+                              decode=lambda p: preprocess([p], size)[0], desc="answering", unit="q",
+                              size=lambda b: len(b[1]), progress=progress, workers=workers)
   answers = {}
   for b, (_, rows, _) in enumerate(batches):
     for i, a in zip(rows, bytes_to_texts(every[b])):
       if a is not None:
         answers[i] = a
-  if P > 1:  # every host reports every undecodable image
-    errors.update({questions[i].path: "not decodable (on another host)" for _, rows, _ in batches for i in rows
-                   if i not in answers and questions[i].path not in errors})
-  for p, e in sorted(errors.items()):
-    print(f"warning: skipped {e}", file=sys.stderr)
+  # every host reports every undecodable image
+  errors.update({questions[i].path: "not decodable (on another host)" for _, rows, _ in batches for i in rows
+                 if i not in answers and questions[i].path not in errors})
   return answers, errors, stats
+
+
+def check_model(model, name: str = ""):
+  require(model, "VQA", kinds=("vqa",), name=name, hint="a VQA checkpoint (or an official pretraining .pth, "
+          "loaded with kind='vqa'; or fine-tune one: configs/vqa.py)")
 
 
 @dataclasses.dataclass
@@ -194,7 +125,6 @@ class VQAResult:
 def evaluate_vqa(model, questions: list, candidates: Optional[list] = None, *, skipped=(), batch_size: int = 16,
                  k: int = RANK_K, progress: bool = True, **generate) -> VQAResult:
   """Answers every question and, when the questions carry human answers, scores them."""
-  from blip_jax.metrics.vqa import vqa_accuracy
   t0 = time.time()
   answers, errors, stats = answer_questions(model, questions, candidates, k=k, batch_size=batch_size,
                                             progress=progress, **generate)
@@ -216,7 +146,6 @@ def evaluate_vqa(model, questions: list, candidates: Optional[list] = None, *, s
 
 def write_outputs(result: VQAResult, out_dir: str) -> None:
   """DIR/answers.json ([{"question_id", "answer"}]) and DIR/metrics.json; each file appears whole."""
-  from blip_jax import fs
   fs.write_json(fs.join(out_dir, "answers.json"), result.results)
   m = dict(result.metrics)
   per = m.pop("per_question", {})
@@ -271,3 +200,8 @@ def evaluate_splits(c, model) -> dict:
     per = list(m.get("per_question", {}).values())
     out[f"{split}/accuracy"] = sum(per) / len(per) if per else 0.0
   return out
+
+
+# official train_vqa.py keeps the last epoch; with eval.annotations.val set, the best by accuracy
+TASK = Task("vqa", "vqa", objectives.vqa_answers, check_config=check_training_config, evaluate=evaluate_splits,
+            select="val/accuracy", shown=("accuracy", "overall", "exact_match"), fresh_where_shapes_differ=True)

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from blip_jax.train.setup import build, check_batch, make_mesh, model_config
 
 GiB = 1024 ** 3
 
@@ -41,11 +46,11 @@ TOPOLOGIES = {
 
 
 def topology_devices(name: str):
-  from jax.experimental import topologies
   if name not in TOPOLOGIES:
     raise ValueError(f"unknown topology {name!r}; known: {', '.join(TOPOLOGIES)}")
   t = TOPOLOGIES[name]
-  kw = dict(platform="tpu", topology_name=t.name, chip_config_name="megacore" if name.startswith(("v4", "v5p")) else "default",
+  chip = "megacore" if name.startswith(("v4", "v5p")) else "default"
+  kw = dict(platform="tpu", topology_name=t.name, chip_config_name=chip,
             num_slices=1)
   if t.chips_per_host:
     kw["chips_per_host_bounds"] = t.chips_per_host
@@ -66,9 +71,7 @@ def compile_step(c, topology: str, steps_per_epoch: int = 10_000) -> dict:
 def analyze(c, devices, hosts: int, hbm_bytes: int, peak_flops: float, steps_per_epoch: int = 10_000) -> dict:
   """Lowers and compiles the sharded train step of config `c` over `devices` (abstract TPU devices
   of a topology, or real ones) without running it; XLA's memory and cost analyses per device."""
-  import jax
-  import jax.numpy as jnp
-  from blip_jax.train.trainer import build, check_batch, make_mesh, model_config
+
   mesh = make_mesh(c, devices)
   check_batch(c, mesh, processes=hosts)
   mcfg = model_config(c)

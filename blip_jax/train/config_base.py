@@ -42,7 +42,7 @@ def base():
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   # a restart may change these keys (comma-separated, e.g. "optim.lr,total_steps"); any other
-  # difference from the workdir's config.json stops it (train/trainer.py check_run_config)
+  # difference from the workdir's config.json stops it (train/checkpointing.py check_run_config)
   c.allow_changes = ""
   c.eval = mlc.ConfigDict(dict(enabled=False, num_captions=5,
                                source=mlc.ConfigDict(dict(kind="synthetic", num_examples=256, image_size=48,

@@ -1,8 +1,7 @@
-"""The training step: ITC + ITM + LM in one jitted, sharded function (blip_facts §3.2); the
-retrieval fine-tuning step is the same with image-id positives and no LM (§5.1); caption
-fine-tuning is the LM loss alone, with the prompt's tokens not targets (§5.2); VQA fine-tuning is
-the weighted answer loss of the answer decoder over the question states (§5.3); NLVR2
-fine-tuning is the cross-entropy of the two-image classifier (§5.4).
+"""The training step every task shares, one jitted, sharded, pure function: the task's objective
+(blip_jax/objectives.py) differentiated over (micro)batches, AdamW, and for the kinds with ITC the
+momentum towers and queues (official blip_pretrain.py / blip_retrieval.py: _momentum_update,
+_dequeue_and_enqueue); the optimizer and the official learning-rate schedules.
 
 State (a plain dict pytree, checkpointed as is):
   step, params (the model of the task's kind), opt_state (AdamW), rng, nonfinite_step, and for the
@@ -15,16 +14,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from blip_jax import losses
-from blip_jax.models.blip import Blip
+from blip_jax.checkpoints.retarget import encoder_view
 from blip_jax.models.config import BlipConfig
-from blip_jax.models.init import MOMENTUM_TOWERS, init_boxed, momentum_config
-from blip_jax.preprocess import CLIP_MEAN, CLIP_STD
+from blip_jax.models.init import MOMENTUM_TOWERS, init_boxed
+from blip_jax.objectives import batch_image_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +45,6 @@ class LossConfig:
 def momentum_view(params: dict) -> dict:
   """The online weights that the momentum towers track: the encoder side of the pretraining model
   (the encoder's self-attention set, no decoder self-attention and no LM head)."""
-  from blip_jax.checkpoints.retarget import encoder_view
   return {**{k: params[k] for k in MOMENTUM_TOWERS}, "text_encoder": encoder_view(params)}
 
 
@@ -79,25 +77,8 @@ def split_ids(image_ids) -> np.ndarray:
   return np.stack([(ids >> 32).astype(np.int32), (ids & 0xFFFFFFFF).astype(np.uint32).view(np.int32)], axis=-1)
 
 
-def _image_ids(batch):
-  ids = batch.get("image_id")
-  if ids is None:
-    return None
-  if ids.ndim != 2 or ids.dtype != jnp.int32:
-    raise ValueError(f"batch['image_id'] must be split_ids(...) int32 [B, 2], got {ids.dtype} {ids.shape}")
-  return ids
-
-
-def normalize_images(images):
-  """uint8 [B, H, W, 3] from the input pipeline -> CLIP-normalised float32 (on the device)."""
-  if images.dtype == jnp.uint8:
-    return (images.astype(jnp.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-  return images
-
-
 def init_state(cfg: BlipConfig, tx: optax.GradientTransformation, loss_cfg: LossConfig, rng, *, boxed: bool = False):
   """A fresh state. boxed=True keeps the logical-axis boxes (for eval_shape -> shardings)."""
-  import flax.linen as nn
   k_params, k_queue, k_rng = jax.random.split(rng, 3)
   params = init_boxed(cfg, k_params)
   plain = nn.meta.unbox(params)
@@ -126,122 +107,10 @@ def micro_key(state_rng, step, micro: int = 0):
   return jax.random.fold_in(jax.random.fold_in(state_rng, step), micro)
 
 
-def contrastive_keys(rng) -> dict:
-  """The draws of one ITC/ITM forward: each forward its own dropout key (as separate torch forwards
-  draw separate masks), and the ITM hard negatives (an image for each text, a text for each image).
-  Named so that a test can replay the negatives (tests/test_official_training.py)."""
-  k = jax.random.split(rng, 4)
-  return {"dropout_unimodal": k[0], "dropout_multimodal": k[1], "negative_images": k[2], "negative_texts": k[3]}
-
-
-def _forward(cfg: BlipConfig, loss_cfg: LossConfig, params, momentum, batch, queues, alpha, rng):
-  """Losses of one (micro)batch. Returns (total, (metrics, image_feat_m, text_feat_m))."""
-  model, mom_model = Blip(cfg), Blip(momentum_config(cfg))
-  temp = jnp.clip(params["temp"], loss_cfg.temp_min, loss_cfg.temp_max)
-  pixels = normalize_images(batch["image"])
-  ids, mask = batch["text_ids"], batch["text_mask"]
-  keys = contrastive_keys(rng)
-
-  def online(m):
-    image_embeds = m.encode_image(pixels, train=True)
-    image_feat = m.image_feat(image_embeds)
-    text_feat = m.text_feat(ids, mask, train=True)
-    return image_embeds, image_feat, text_feat
-  image_embeds, image_feat, text_feat = model.apply({"params": params}, method=online, rngs={"dropout": keys["dropout_unimodal"]})
-
-  def mom(m):
-    e = m.encode_image(pixels)
-    return m.image_feat(e), m.text_feat(ids, mask)
-  # the retrieval-kind module also declares temp and itm_head, which the momentum forward never reads
-  mom_params = {**momentum, "temp": params["temp"], "itm_head": params["itm_head"]}
-  image_feat_m, text_feat_m = jax.lax.stop_gradient(mom_model.apply({"params": mom_params}, method=mom))
-
-  ids_all = _image_ids(batch)  # [G, 2] int32 or None
-  idx = ids_all if loss_cfg.use_image_ids else None
-  loss_itc, (sim_i2t, sim_t2i) = losses.itc_loss(
-      image_feat, text_feat, image_feat_m, text_feat_m, queues["image_queue"], queues["text_queue"],
-      temp, alpha, idx=idx, idx_queue=queues["idx_queue"])
-
-  # ITM with hard negatives, sampled from the contrastive similarities. Official pretraining: the
-  # in-batch columns of the ITC sims (online vs momentum keys), per device, +1e-4 floor. Official
-  # retrieval (image-id positives): online vs online sims, no floor, over the whole global batch
-  # ('global', negative_all_rank) or per data shard ('local'). Whenever the batch has image ids, no
-  # pair of the same image is a negative (another caption of the image is a match).
-  g = ids.shape[0]
-  groups = loss_cfg.itm_groups if loss_cfg.itm_scope == "local" else 1
-  if idx is None:
-    w_t2i = losses.negative_weights(sim_t2i[:, :g], groups, idx=ids_all)
-    w_i2t = losses.negative_weights(sim_i2t[:, :g], groups, idx=ids_all)
-  else:
-    s = image_feat @ text_feat.T / temp
-    w_i2t = losses.negative_weights(s, groups, floor=0.0, idx=idx)
-    w_t2i = losses.negative_weights(s.T, groups, floor=0.0, idx=idx)
-  neg_image = losses.sample_negatives(keys["negative_images"], w_t2i)  # for each text, an image
-  neg_text = losses.sample_negatives(keys["negative_texts"], w_i2t)  # for each image, a text
-
-  def itm(m):
-    pos = m.itm_logits(image_embeds, ids, mask, train=True)
-    images = jnp.concatenate([image_embeds[neg_image], image_embeds], axis=0)
-    texts = jnp.concatenate([ids, ids[neg_text]], axis=0)
-    masks = jnp.concatenate([mask, mask[neg_text]], axis=0)
-    neg = m.itm_logits(images, texts, masks, train=True)
-    lm = m.lm_logits(image_embeds, ids, mask, train=True) if cfg.kind == "pretrain" else None
-    return pos, neg, lm
-  logits_pos, logits_neg, lm_logits = model.apply({"params": params}, method=itm, rngs={"dropout": keys["dropout_multimodal"]})
-  loss_itm, itm_acc = losses.itm_loss(logits_pos, logits_neg)
-  # retrieval fine-tuning has no decoder: ITC + ITM only (official blip_retrieval)
-  loss_lm = (losses.lm_loss(lm_logits, ids, mask, label_smoothing=loss_cfg.label_smoothing)
-             if lm_logits is not None else jnp.zeros((), jnp.float32))
-  total = loss_itc + loss_itm + loss_lm
-  metrics = {"loss": total, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm,
-             "itm_acc": itm_acc}
-  return total, (metrics, image_feat_m, text_feat_m)
-
-
-def _caption_forward(cfg: BlipConfig, loss_cfg: LossConfig, params, batch, rng):
-  """Caption fine-tuning (official BLIP_Decoder.forward): the image-grounded decoder's LM loss with
-  label smoothing; [DEC] first, the prompt's tokens and padding not targets."""
-  pixels = normalize_images(batch["image"])
-  ids, mask = batch["text_ids"], batch["text_mask"]
-  logits = Blip(cfg).apply({"params": params}, method=lambda m: m.lm_logits(m.encode_image(pixels, train=True), ids,
-                                                                             mask, train=True), rngs={"dropout": rng})
-  loss = losses.lm_loss(logits, ids, mask, label_smoothing=loss_cfg.label_smoothing,
-                        prompt_length=loss_cfg.prompt_length)
-  return loss, ({"loss": loss, "loss_lm": loss}, None, None)
-
-
-def _vqa_forward(cfg: BlipConfig, loss_cfg: LossConfig, params, batch, rng):
-  """VQA fine-tuning (official BLIP_VQA.forward): the question encoded once against the image; its
-  states shared (not copied) by the question's A answers in the answer decoder; loss_vqa."""
-  pixels = normalize_images(batch["image"])
-  q_ids, q_mask = batch["question_ids"], batch["question_mask"]
-  a_ids, a_mask = batch["answer_ids"], batch["answer_mask"]
-  b, a, la = a_ids.shape
-
-  def f(m):
-    states = m.vqa_question(m.encode_image(pixels, train=True), q_ids, q_mask, train=True)
-    return m.vqa_answer_logits(states, q_mask, a_ids.reshape(b * a, la), a_mask.reshape(b * a, la), train=True)
-  logits = Blip(cfg).apply({"params": params}, method=f, rngs={"dropout": rng})
-  loss = losses.vqa_loss(logits, a_ids, a_mask, batch["answer_weights"], label_smoothing=loss_cfg.label_smoothing)
-  return loss, ({"loss": loss, "loss_vqa": loss}, None, None)
-
-
-def _nlvr_forward(cfg: BlipConfig, loss_cfg: LossConfig, params, batch, rng):
-  """NLVR2 fine-tuning (official BLIP_NLVR.forward): both images through the ViT, the sentence
-  grounded in the pair, cross-entropy of the head on the label."""
-  ids, mask = batch["text_ids"], batch["text_mask"]
-
-  def f(m):
-    e0 = m.encode_image(normalize_images(batch["image"]), train=True)
-    e1 = m.encode_image(normalize_images(batch["image2"]), train=True)
-    return m.nlvr_logits(e0, e1, ids, mask, train=True)
-  logits = Blip(cfg).apply({"params": params}, method=f, rngs={"dropout": rng})
-  loss, acc = losses.nlvr_loss(logits, batch["label"])
-  return loss, ({"loss": loss, "loss_nlvr": loss, "nlvr_acc": acc}, None, None)
-
-
-def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation, lr_fn: Callable):
-  """Returns step(state, batch) -> (state, metrics). Pure; jit it with shardings."""
+def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTransformation, lr_fn: Callable,
+                    objective: Callable):
+  """Returns step(state, batch) -> (state, metrics). Pure; jit it with shardings. objective: the
+  task's loss (a blip_jax/objectives.py function)."""
   contrastive = cfg.has_itc  # ITC/ITM kinds: momentum towers and queues
 
   def step(state, batch):
@@ -261,14 +130,8 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
     def micro(carry, mb):
       grads_acc, i = carry
       r = micro_key(state["rng"], s, i)
-      if contrastive:
-        f = lambda p: _forward(cfg, loss_cfg, p, momentum, mb, queues, alpha, r)
-      elif cfg.kind == "vqa":
-        f = lambda p: _vqa_forward(cfg, loss_cfg, p, mb, r)
-      elif cfg.kind == "nlvr":
-        f = lambda p: _nlvr_forward(cfg, loss_cfg, p, mb, r)
-      else:
-        f = lambda p: _caption_forward(cfg, loss_cfg, p, mb, r)
+      extra = {"momentum": momentum, "queues": queues, "alpha": alpha} if contrastive else None
+      f = lambda p: objective(cfg, loss_cfg, p, mb, r, extra)
       (_, (metrics, feat_i, feat_t)), grads = jax.value_and_grad(f, has_aux=True)(params)
       grads_acc = jax.tree.map(lambda a, g: a + g / k, grads_acc, grads)
       return (grads_acc, i + 1), (metrics, feat_i, feat_t)
@@ -291,7 +154,7 @@ def make_train_step(cfg: BlipConfig, loss_cfg: LossConfig, tx: optax.GradientTra
       g = feat_i.shape[0]
       ptr = state["queue_ptr"]
       upd = lambda q, x: jax.lax.dynamic_update_slice(q, x.astype(q.dtype), (ptr,) + (0,) * (q.ndim - 1))
-      ids_g = _image_ids(batch)
+      ids_g = batch_image_ids(batch)
       ids_g = jnp.full((g, 2), -100, jnp.int32) if ids_g is None else ids_g
       new.update({
           "momentum": momentum,
@@ -333,7 +196,7 @@ def paper_schedule(lr: float, warmup_steps: int, warmup_lr: float, decay_rate: f
 
 def epoch_cosine_schedule(lr: float, min_lr: float, steps_per_epoch: int, epochs: int) -> Callable:
   """Official fine-tuning: lr_e = (lr - min_lr) * 0.5 * (1 + cos(pi * e / epochs)) + min_lr for epoch
-  e, constant within the epoch, no warm-up (blip_facts §5)."""
+  e, constant within the epoch, no warm-up (official train_*.py: cosine_lr_schedule)."""
   def fn(step):
     epoch = jnp.floor(jnp.asarray(step, jnp.float32) / max(steps_per_epoch, 1))
     return (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / max(epochs, 1))) + min_lr
@@ -355,6 +218,6 @@ def make_optimizer(opt: dict, steps_per_epoch: int, total_steps: int):
   chain = []
   if opt.get("clip_grad_norm", 0) > 0:
     chain.append(optax.clip_by_global_norm(opt["clip_grad_norm"]))
-  # official: one parameter group, weight decay on every parameter (blip_facts §3.6)
+  # official: one parameter group, weight decay on every parameter (official pretrain.py: AdamW(model.parameters()))
   chain.append(optax.adamw(lr_fn, b1=opt["b1"], b2=opt["b2"], eps=opt["eps"], weight_decay=opt["weight_decay"]))
   return optax.chain(*chain), lr_fn

@@ -1,18 +1,17 @@
-"""Batched captioning of image files (`blip-jax caption`), and the data-parallel placement that
-CapFilt shares: params replicated, each batch split over this host's devices."""
+"""Image files named on a command line (files, folders, globs) and their batched captioning
+(`blip-jax caption`): results stream out in the input order, failures in place."""
 from __future__ import annotations
 
-import collections
 import glob
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Sequence
 
-import jax
 import numpy as np
+from tqdm import tqdm
 
-from blip_jax.preprocess import ImageDecodeError
+from blip_jax.parallel import DataParallel, decoding, map_ahead, pad_rows
+from blip_jax.preprocess import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -37,57 +36,10 @@ def expand_images(specs: Sequence[str]) -> list[str]:
   return list(dict.fromkeys(out))
 
 
-class DataParallel:
-  """Replicates a model's params over this host's devices and splits batches over them."""
-
-  def __init__(self, devices=None):
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    self.devices = list(devices or jax.local_devices())
-    mesh = Mesh(np.asarray(self.devices), ("data",))
-    self.batch, self.replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
-
-  def round_batch(self, batch_size: int) -> int:
-    n = len(self.devices)
-    return -(-batch_size // n) * n
-
-  def put_params(self, params):
-    return jax.device_put(params, self.replicated)
-
-  def put_batch(self, array):
-    return jax.device_put(np.asarray(array), self.batch)
-
-
-def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
-  """Pads the batch dimension to `rows` by repeating the last row (one compiled shape for all batches)."""
-  if len(array) == rows:
-    return array
-  return np.concatenate([array, np.repeat(array[-1:], rows - len(array), axis=0)])
-
-
-def map_ahead(fn, batches, workers: int = 4, ahead: int = 2):
-  """Yields [fn(x) for x in batch] per batch, in order; fn runs in threads, `ahead` batches in
-  advance of the consumer (image decoding overlapping the device's work)."""
-  with ThreadPoolExecutor(max_workers=workers) as pool:
-    queue: collections.deque = collections.deque()
-    for batch in batches:
-      queue.append([pool.submit(fn, x) for x in batch])
-      if len(queue) > ahead:
-        yield [f.result() for f in queue.popleft()]
-    while queue:
-      yield [f.result() for f in queue.popleft()]
-
-
 def load_batches(paths: Sequence[str], size: int, batch_size: int
                  ) -> Iterator[tuple[list[str], list[str], Optional[np.ndarray], list[tuple[str, str]]]]:
   """Yields (paths, decoded paths, their pixels [n, size, size, 3] or None, [(path, error)]) per batch."""
-  from blip_jax.preprocess import preprocess
-
-  def one(path):
-    try:
-      return path, preprocess([path], size)[0], None
-    except ImageDecodeError as e:
-      return path, None, str(e)
-
+  one = decoding(lambda path: preprocess([path], size)[0])
   chunks = (paths[i:i + batch_size] for i in range(0, len(paths), batch_size))
   for results in map_ahead(one, chunks):
     ok = [(p, x) for p, x, _ in results if x is not None]
@@ -99,7 +51,6 @@ def caption_files(model, paths: Sequence[str], *, batch_size: int = 16, prompt: 
                   progress: bool = True, **generate_kw):
   """Yields ('ok', path, [captions]) per decodable image and ('error', path, message) for the
   rest, in order. Batches are padded to one shape and split over this host's devices."""
-  from tqdm import tqdm
   dp = DataParallel()
   rows = dp.round_batch(batch_size)
   model.params = dp.put_params(model.params)
