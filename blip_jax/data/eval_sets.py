@@ -18,6 +18,20 @@ from blip_jax.metrics.caption import image_id_of, read_coco_references
 from blip_jax.tokenizers import pre_caption, pre_question
 
 
+def _unique_entries(annotations, task: str, id_key: str, **check):
+  """(place, id, entry) of every entry, each checked for what the task reads; the id is the entry's
+  `id_key`, else its place in the files; an id that appears twice fails."""
+  entries = read_entries(annotations)
+  check_entries(entries, task, str(annotations), **check)
+  seen = set()
+  for n, e in enumerate(entries):
+    i = e.get(id_key, n)
+    if i in seen:
+      raise ValueError(f"{annotations}: {id_key} {i!r} appears twice")
+    seen.add(i)
+    yield n, i, e
+
+
 # ---- captioning (COCO Karpathy, NoCaps) -------------------------------------------------------
 @dataclasses.dataclass
 class CaptionSet:
@@ -81,14 +95,8 @@ def _human_answers(e: dict):
 def read_questions(annotations, image_root: str = "") -> tuple[list, list]:
   """(questions, skipped): the entries of one or more VQA annotation files; skipped are
   (question_id, reason) of empty questions."""
-  entries = read_entries(annotations)
-  check_entries(entries, "vqa", str(annotations))
-  out, skipped, seen = [], [], set()
-  for n, e in enumerate(entries):
-    qid = e.get("question_id", n)
-    if qid in seen:
-      raise ValueError(f"{annotations}: question_id {qid!r} appears twice")
-    seen.add(qid)
+  out, skipped = [], []
+  for n, qid, e in _unique_entries(annotations, "vqa", "question_id"):
     q = pre_question(e["question"]) if isinstance(e["question"], str) else ""
     if not q.strip():
       skipped.append((qid, f"empty question {e['question']!r}"))
@@ -133,14 +141,8 @@ def _label(value, where: str) -> Optional[int]:
 def read_pairs(annotations, image_root: str = "") -> tuple[list, list]:
   """(pairs, skipped): the entries of one or more NLVR2 annotation files; skipped are
   (example_id, reason) of sentences left empty by pre_caption."""
-  entries = read_entries(annotations)
-  check_entries(entries, "nlvr", str(annotations), labels=False)
-  out, skipped, seen = [], [], set()
-  for n, e in enumerate(entries):
-    eid = e.get("identifier", n)
-    if eid in seen:
-      raise ValueError(f"{annotations}: identifier {eid!r} appears twice")
-    seen.add(eid)
+  out, skipped = [], []
+  for n, eid, e in _unique_entries(annotations, "nlvr", "identifier", labels=False):
     sentence = pre_caption(e["sentence"], NLVR_MAX_WORDS) if isinstance(e["sentence"], str) else ""
     if not sentence:
       skipped.append((eid, f"empty sentence {e['sentence']!r}"))
