@@ -1,18 +1,7 @@
 import os
 
-# The suite's programs are tiny and compiled far more often than they run: XLA's CPU backend skips
-# LLVM's optimisation passes here (compile time -30% on the step tests; the arithmetic is the same,
-# no fast-math). Every process the suite starts gets these flags (one_device_env, compile_flags).
-COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def compile_flags(devices: int = 0) -> str:
-  """XLA_FLAGS of a process the suite starts: the compile flags, and `devices` host devices."""
-  return COMPILE_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices else "")
-
-
 # Before anything touches jax devices (XLA reads the host device count once, at start-up).
-os.environ.setdefault("XLA_FLAGS", compile_flags(8))
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import importlib.util  # noqa: E402
@@ -37,7 +26,7 @@ def one_device_env():
   """The environment of a CLI subprocess: one device, as a user's run; the compiled steps shared
   with other runs of the same config through the persistent cache (as tests in-process do)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(XLA_FLAGS=compile_flags(), JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+  env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return env
 

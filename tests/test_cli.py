@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import compile_flags
 from hf_ref import make_hf
 
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
@@ -14,7 +13,7 @@ BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
 
 def run(*args):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = compile_flags()  # the CLI runs as a user's would: one CPU device
+  env.pop("XLA_FLAGS", None)  # the CLI runs as a user's would: one CPU device
   out = subprocess.run([BIN, *args], capture_output=True, text=True, env=env, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   return out
@@ -68,7 +67,8 @@ def test_convert_back_to_hf(converted):
 
 
 def test_errors_are_one_line(tmp_path):
-  env = dict(os.environ, XLA_FLAGS=compile_flags())
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
   out = subprocess.run([BIN, "convert", str(tmp_path / "missing.pth"), str(tmp_path / "x")],
                        capture_output=True, text=True, env=env, timeout=120)
   assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr
@@ -123,7 +123,6 @@ def test_no_library_banners_unless_verbose(tmp_path, coco):
   ann = [{"image": os.path.relpath(p, os.path.dirname(coco[0][0])), "caption": c[0]} for p, c in coco[:2]]
   (tmp_path / "a.json").write_text(json.dumps(ann))
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")}
-  env["XLA_FLAGS"] = compile_flags()
   outs = {}
   for flag in ([], ["--verbose"]):
     cmd = [BIN, *flag, "make-shards", "--annotations", str(tmp_path / "a.json"), "--image-root",

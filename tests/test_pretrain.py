@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import compile_flags, one_device_env
+from conftest import one_device_env
 from jax.sharding import Mesh
 from pretrain_util import ROOT, run_steps, tiny_config
 
@@ -51,7 +51,7 @@ def _free_port():
 def test_two_processes_equal_one_process(tmp_path):
   """2 processes x 2 CPU devices with jax.distributed on localhost == 1 process with 4 devices."""
   worker = os.path.join(os.path.dirname(__file__), "mp_worker.py")
-  env = dict({k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, XLA_FLAGS=compile_flags())
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), "2", str(tmp_path / f"p{i}.json")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import COCO, ODD, compile_flags
+from conftest import COCO, ODD
 from hf_ref import parity_reinit
 from retrieval_ref import itm_eval, official_retrieval_eval
 from retrieval_ref import pixels as ref_pixels
@@ -136,7 +136,7 @@ def _subset_file(small, tmp_path):
 
 def _env(devices):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-  env["XLA_FLAGS"] = compile_flags(devices)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
 
 
