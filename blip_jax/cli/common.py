@@ -31,6 +31,14 @@ def model_flag(p, help_: str, dest: str = "--model") -> None:
   p.add_argument(dest, required=True, help=help_ + " (or an official release name / Salesforce/... hub id)")
 
 
+def model_flags(p, help_: str, official_size: int) -> None:
+  """--model (names and hub ids too), --vocab and --image-size, as every evaluation takes them."""
+  model_flag(p, help_)
+  p.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
+  p.add_argument("--image-size", type=int,
+                 help=f"resize images to this (interpolates positions; official {official_size})")
+
+
 def load_checked(a, use: str, *, kinds: tuple = (), itc: bool = False, hint: str = "", **load_kw):
   """blip_jax.load(--model, --vocab, --image-size) and the one check of what `use` needs (api.require)."""
   model = blip_jax.load(a.model, vocab=a.vocab, image_size=a.image_size, **load_kw)

@@ -12,7 +12,7 @@ import jax
 
 from blip_jax import fs
 from blip_jax.api import detect_format
-from blip_jax.cli.common import add_generation_flags, check_out, command, fail, load_checked, model_flag, start_hosts
+from blip_jax.cli.common import add_generation_flags, check_out, command, fail, load_checked, model_flags, start_hosts
 from blip_jax.tasks import caption as C
 from blip_jax.tasks import nlvr as N
 from blip_jax.tasks import retrieval as R
@@ -123,15 +123,13 @@ VQA = Evaluation(
 
 
 def add_vqa_flags(p):
-  model_flag(p, "VQA checkpoint (official .pth, HF dir or ours), or an official pretraining .pth")
+  model_flags(p, "VQA checkpoint (official .pth, HF dir or ours), or an official pretraining .pth", 480)
   p.add_argument("--answers", help="answer_list.json: rank these candidates (the official mode); without it the "
                  "answer is generated")
   p.add_argument("--k", type=int, default=128, help="rank: candidates kept after step 1 (official 128)")
   p.add_argument("--beams", type=int, default=3, help="generate: beams (official 3; 1 = greedy)")
   p.add_argument("--max-length", type=int, default=10, help="generate: tokens counting [DEC] (official 10)")
   p.add_argument("--min-length", type=int, default=1, help="generate: official 1")
-  p.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
-  p.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 480)")
 
 
 # ---- NLVR2 --------------------------------------------------------------------------------------
@@ -163,7 +161,7 @@ def register(sub) -> None:
                "blip-jax eval retrieval --model model_base_retrieval_coco --annotations coco_karpathy_test.json "
                "--image-root coco/ --out /tmp/ret_eval",
                help="image-text (or zero-shot video-text) retrieval R@K: the official k-candidate ITM re-rank")
-  model_flag(er, "retrieval or pretraining checkpoint: official .pth | HF dir | ours")
+  model_flags(er, "retrieval or pretraining checkpoint: official .pth | HF dir | ours", 384)
   er.add_argument("--annotations", required=True,
                   help="Karpathy-style eval JSON [{image, caption: [...]}], or with --videos MSRVTT JSON lines "
                        "{clip_name, caption}")
@@ -172,8 +170,6 @@ def register(sub) -> None:
   er.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (official 8)")
   er.add_argument("--k", type=int, default=256, help="candidates re-ranked per query (official: COCO 256, Flickr 128, "
                   "MSRVTT 128)")
-  er.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 384)")
-  er.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
   er.add_argument("--texts-per-row", type=int, default=0, help="candidate texts sharing one image's keys/values "
                   "(default min(k, 64))")
   er.add_argument("--max-words", type=int, default=30, help="pre_caption word limit (official 30; MSRVTT 40)")
@@ -184,14 +180,12 @@ def register(sub) -> None:
                "coco_karpathy_test.json --image-root coco/ --out /tmp/cap_eval",
                help="caption every image of a split and score it with the COCO caption metrics (official "
                     "decoding: beam 3, max 20, min 5, prompt 'a picture of ')")
-  model_flag(ec, "caption (or pretraining) checkpoint: official .pth | HF dir | ours")
+  model_flags(ec, "caption (or pretraining) checkpoint: official .pth | HF dir | ours", 384)
   ec.add_argument("--annotations", required=True, help="Karpathy-style JSON [{image, caption: [...]}] (references "
                   "from its captions), or [{image, img_id}] (NoCaps: captions only, for the evaluation server)")
   _common(ec, "writes captions.json (COCO results format) and metrics.json here", 32,
           "images per generate call (split over local devices)")
   ec.add_argument("--gt", help="COCO-format references (e.g. the official coco_karpathy_test_gt.json)")
-  ec.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
-  ec.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 384)")
   ec.add_argument("--spice", choices=("auto", "download", "off"), default="auto",
                   help="SPICE: computed when the Stanford CoreNLP jars are present (auto), fetched first (download)")
   ec.add_argument("--html", action="store_true", help="also write captions.html: thumbnails, generated and "
@@ -214,12 +208,10 @@ def register(sub) -> None:
                "--out /tmp/nlvr_eval",
                help="NLVR2: does each sentence hold for its pair of images; predictions.json and, with labels, "
                     "the accuracy (the paper reports dev and test-P)")
-  model_flag(en, "NLVR2 checkpoint: official model_base_nlvr.pth or ours")
+  model_flags(en, "NLVR2 checkpoint: official model_base_nlvr.pth or ours", 384)
   en.add_argument("--annotations", required=True, help="BLIP's nlvr_dev.json / nlvr_test.json: "
                   "[{images: [left, right], sentence, label}]")
   _common(en, "writes predictions.json and metrics.json here", 64, "pairs per step (split over local devices)")
-  en.add_argument("--vocab", help="bert-base-uncased vocab.txt, when the checkpoint has no tokenizer")
-  en.add_argument("--image-size", type=int, help="resize images to this (interpolates positions; official 384)")
 
 
 def _eval_caption(a):
