@@ -31,6 +31,15 @@ def one_device_env():
   return env
 
 
+def process_env(env, i, n, port):
+  """`env` for process i of n under jax.distributed on localhost, each of them writing its compiled
+  programs to the persistent cache (tests/every_process_caches: JAX lets only process 0 write)."""
+  hook = os.path.join(os.path.dirname(__file__), "every_process_caches")
+  path = os.pathsep.join(p for p in (hook, env.get("PYTHONPATH")) if p)
+  return {**env, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i),
+          "PYTHONPATH": path}
+
+
 PTH_CROSS_CHECKED: list = []  # paths whose pth.load result was compared with torch.load
 
 

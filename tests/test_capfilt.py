@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import COCO, ODD
+from conftest import COCO, ODD, process_env
 from hf_ref import make_hf
 from official_ref import official_state_dict, shared_pair
 
@@ -121,7 +121,7 @@ def test_itm_scores_equal_the_filter_model(reference, models):
 
 
 def two_process_env(i, port):
-  return {**ENV, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
+  return process_env(ENV, i, 2, port)
 
 
 def test_killed_run_resumed_by_two_processes(setup, reference, vocab_path):

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import one_device_env
+from conftest import one_device_env, process_env
 from pretrain_util import ROOT
 
 BIN = os.path.join(os.path.dirname(sys.executable), "blip-jax")
@@ -43,9 +43,8 @@ def _two_hosts(cmd, signal_at=None, kill=False):
   port = _free_port()
   procs = []
   for i in range(2):
-    env = dict(one_device_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=process_env(one_device_env(), i, 2, port),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   lines = []
   if signal_at is not None:
     for line in procs[0].stdout:

@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import one_device_env
+from conftest import COCO, one_device_env, process_env, small_copies
 from jax.sharding import Mesh
 from pretrain_util import ROOT, run_steps, tiny_config
 
@@ -54,7 +54,7 @@ def test_two_processes_equal_one_process(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port), "2", str(tmp_path / f"p{i}.json")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                            env=process_env(env, i, 2, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   single = subprocess.Popen([sys.executable, worker, "0", "1", "0", "4", str(tmp_path / "single.json")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for p in procs + [single]:
@@ -106,7 +106,9 @@ def test_learns_on_coco_mini(tmp_path, coco):
   (ITM first sits at the 0.667 collapse while ITC sharpens the hard negatives, then escapes it
   around step 300 with this learning rate: 0.92-1.0 at steps 400-450 here.) A SentencePiece
   vocabulary of 200 keeps the LM head small (the 30k BERT vocabulary tripled the step time)."""
-  ann = [{"image": p, "caption": caps[0]} for p, caps in coco[:32]]
+  # 128 px copies of the photos for the 64 px model: decoding 640 px JPEGs would set the pace
+  small = small_copies([os.path.relpath(p, COCO) for p, _ in coco[:32]], tmp_path / "images")
+  ann = [{"image": os.path.join(small, os.path.relpath(p, COCO)), "caption": caps[0]} for p, caps in coco[:32]]
   (tmp_path / "pairs.json").write_text(json.dumps(ann))
   cmd = [BIN, "train", "--config=configs/pretrain.py:tiny", f"--workdir={tmp_path / 'w'}",
          "--config.data.source.kind=json", f"--config.data.source.annotations=('{tmp_path / 'pairs.json'}',)",

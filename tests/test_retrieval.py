@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import COCO, ODD
+from conftest import COCO, ODD, process_env
 from hf_ref import parity_reinit
 from retrieval_ref import itm_eval, official_retrieval_eval
 from retrieval_ref import pixels as ref_pixels
@@ -148,7 +148,7 @@ def test_cli_and_two_processes_equal_one(model_dir, small, one_device, tmp_path)
     port = s.getsockname()[1]
   procs = []
   for pid in range(2):
-    env = _env(2) | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+    env = process_env(_env(2), pid, 2, port)
     procs.append(subprocess.Popen([BIN, *args, "--out", str(tmp_path / "two")], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=300) for p in procs]
