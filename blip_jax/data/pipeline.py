@@ -16,8 +16,10 @@ through; an epoch that yields nothing stops with an error naming the source.
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
+import weakref
 from typing import Iterator, Optional
 
 import jax
@@ -72,6 +74,18 @@ class DataError(ValueError):
   """The data cannot make a batch (every example bad, fewer than one batch): the run stops, naming it."""
 
 
+_OPEN: "weakref.WeakSet[InputPipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_pipelines():
+  """A tf.data iterator over a stream of epochs (flat_map) that is still alive when the interpreter
+  finalises hangs the process at exit (seen here with TF 2.21): every pipeline's iterator is let go
+  first, e.g. after a run stopped by an exception or sys.exit."""
+  for pipe in list(_OPEN):
+    pipe.close()
+
+
 class InputPipeline:
   """Iterates numpy batches: image uint8 [B,S,S,3], text_ids/text_mask int32 [B,L], image_id int64 [B]
   (+ question/answers for VQA, image2/label for NLVR2; eval batches add `valid`)."""
@@ -84,6 +98,7 @@ class InputPipeline:
     self.hosts = jax.process_count() if process_count is None else process_count
     self.epoch, self.position, self.skipped = 0, 0, 0
     self._it = None
+    _OPEN.add(self)
     if source.random_access:
       n = len(source)
       self.host_size = len(range(self.host, n, self.hosts))
@@ -102,6 +117,10 @@ class InputPipeline:
     return {"epoch": int(self.epoch), "position": int(self.position), "skipped": int(self.skipped),
             "seed": int(self.cfg.seed), "hosts": int(self.hosts)}
 
+  def close(self):
+    """Lets go of the tf.data iterator (its threads and buffers); a later batch rebuilds it."""
+    self._it = None
+
   def restore(self, state: dict):
     if state.get("hosts", self.hosts) != self.hosts or state.get("seed", self.cfg.seed) != self.cfg.seed:
       log.warning("restoring an input state saved with other hosts/seed: order will differ")
@@ -114,7 +133,7 @@ class InputPipeline:
     src, host, hosts, seed = self.source, self.host, self.hosts, self.cfg.seed
     if src.random_access:
       n = len(src)
-      key = tf.constant([seed % 2 ** 31, epoch * 7919 + 0x5EED], tf.int64)
+      key = tf.stack([tf.constant(seed % 2 ** 31, tf.int64), tf.cast(epoch, tf.int64) * 7919 + 0x5EED])
       def lookup(k):
         p = host + k * hosts  # global position
         idx = tf.random.experimental.index_shuffle(p, key, n - 1) if self.cfg.train else p
@@ -162,14 +181,38 @@ class InputPipeline:
       return out
     return fn
 
-  def dataset(self, epoch: int, start: int) -> tf.data.Dataset:
+  def _epoch_batches(self, epoch, start) -> tf.data.Dataset:
+    """One epoch's batches from `start` on (epoch: a Python int or an int64 tensor)."""
     c = self.cfg
     ds = self._raw(epoch, start)
     ds = ds.map(self._process(epoch), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.ignore_errors()  # undecodable images, missing files: counted by position gaps
     ds = ds.filter(lambda ex: ex["ok"])  # empty / non-UTF-8 texts: counted the same way
     # VQA answer lists differ in length: padded with '' and weight 0
-    ds = ds.padded_batch(c.batch_size) if self.source.task == "vqa" else ds.batch(c.batch_size)
+    return ds.padded_batch(c.batch_size) if self.source.task == "vqa" else ds.batch(c.batch_size)
+
+  def _streams_epochs(self) -> bool:
+    """Training on a random-access source: every epoch from the current one on is one tf.data graph
+    (built once, prefetching across epoch ends). Each epoch ends with an empty batch, the marker
+    `__next__` closes the epoch on, as it does on the end of a one-epoch dataset. Rebuilding the
+    graph every epoch cost about 0.3 s an epoch (tracing, and a cold prefetch buffer): most of the
+    time of a small fine-tuning set's epoch. Streaming sources (shards) keep one graph per epoch:
+    their file order is set in Python per epoch."""
+    return self.cfg.train and self.source.random_access
+
+  def dataset(self, epoch: int, start: int) -> tf.data.Dataset:
+    c = self.cfg
+    if self._streams_epochs():
+      first = tf.constant(epoch, tf.int64)
+
+      def one_epoch(e):
+        batches = self._epoch_batches(e, tf.where(e == first, tf.constant(start, tf.int64), 0))
+        end = tf.nest.map_structure(lambda spec: tf.zeros([0] + [d or 0 for d in spec.shape[1:]], spec.dtype),
+                                    batches.element_spec)  # no rows (VQA's padded answers: no columns)
+        return batches.concatenate(tf.data.Dataset.from_tensors(end))
+      ds = tf.data.Dataset.range(epoch, 2 ** 62).flat_map(one_epoch)
+    else:
+      ds = self._epoch_batches(epoch, start)
     opts = tf.data.Options()
     opts.threading.private_threadpool_size = c.threads
     opts.threading.max_intra_op_parallelism = 1
@@ -195,6 +238,9 @@ class InputPipeline:
         continue
       pos = b["position"]
       n = len(pos)
+      if n == 0:  # an epoch's end marker (see _streams_epochs): the next epoch follows in this stream
+        self._end_epoch(next_in_stream=True)
+        continue
       last = self._host_position(int(pos[-1]))
       if n < c.batch_size and c.train:  # the epoch's remainder: not a full batch, so dropped
         self._last_pos = last
@@ -209,7 +255,7 @@ class InputPipeline:
     what `position` and `_raw(start=)` count); streams count per host already."""
     return (p - self.host) // self.hosts if self.source.random_access else p
 
-  def _end_epoch(self):
+  def _end_epoch(self, next_in_stream: bool = False):
     if self.host_size is not None:
       last = max(getattr(self, "_last_pos", -1), self.position - 1)
       # examples after the last one delivered (bad ones and the dropped remainder); only bad
@@ -226,7 +272,10 @@ class InputPipeline:
     self._last_pos = -1
     self.epoch += 1 if self.cfg.train else 0
     self.position = 0 if self.cfg.train else self.position
-    self._it = None
+    if next_in_stream:
+      self._start, self._yielded = 0, 0
+    else:
+      self._it = None
 
   def _finish(self, b) -> dict:
     c, tok = self.cfg, self.tokenizer
