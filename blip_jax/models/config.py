@@ -25,6 +25,7 @@ class VisionConfig:
   layer_norm_eps: float = 1e-6  # official (timm) 1e-6; HF BlipVisionConfig default 1e-5
   drop_path: float = 0.0
   remat: bool = False  # jax.checkpoint each block (official: fairscale checkpoint_wrapper)
+  attention: str = "auto"  # auto | xla | cudnn | einsum (models/layers.py dot_product_attention)
 
   @property
   def num_patches(self) -> int:
@@ -48,6 +49,7 @@ class TextConfig:
   max_positions: int = 512
   layer_norm_eps: float = 1e-12
   dropout: float = 0.1  # hidden and attention-probability dropout (official MED)
+  attention: str = "auto"  # auto | xla | cudnn | einsum; training with dropout > 0 runs einsum
   pad_id: int = 0
   cls_id: int = 101
   sep_id: int = 102

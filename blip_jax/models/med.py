@@ -77,7 +77,8 @@ class BertAttention(nn.Module):
       q = q.reshape(k.shape[0], group * l, h, d // h)
     rng = self.make_rng("dropout") if (train and c.dropout > 0) else None
     out = dot_product_attention(q, k, v, bias, dropout_rate=c.dropout if train else 0.0,
-                                dropout_rng=rng, dtype=self.dtype, heads_first=heads_first)
+                                dropout_rng=rng, dtype=self.dtype, heads_first=heads_first,
+                                implementation=c.attention)
     out = dense(d, ("heads", "embed"), "out", self.dtype)(out.reshape(b, l, d))
     out = nn.Dropout(c.dropout)(out, deterministic=not train)
     return layer_norm(c.layer_norm_eps, "norm", self.dtype)(out + x)
@@ -123,7 +124,7 @@ class TwinCrossAttention(nn.Module):
       v = split(dense(d, ("embed", "heads"), f"value{i}", self.dtype)(kv))
       rng = self.make_rng("dropout") if (train and c.dropout > 0) else None
       out = dot_product_attention(q, k, v, bias, dropout_rate=c.dropout if train else 0.0, dropout_rng=rng,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, implementation=c.attention)
       outs.append(dense(d, ("heads", "embed"), f"out{i}", self.dtype)(out.reshape(b, l, d)))
     if self.merge:
       y = dense(d, ("mlp", "embed"), "merge", self.dtype)(jnp.concatenate(outs, axis=-1))

@@ -22,7 +22,8 @@ class Attention(nn.Module):
     h = self.cfg.heads
     qkv = dense(3 * d, ("embed", "qkv"), "qkv", self.dtype)(x)  # rows [q; k; v] as official
     q, k, v = jnp.split(qkv.reshape(b, n, 3, h, d // h), 3, axis=2)
-    out = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], dtype=self.dtype)
+    out = dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], dtype=self.dtype,
+                                implementation=self.cfg.attention)
     return dense(d, ("heads", "embed"), "proj", self.dtype)(out.reshape(b, n, d))
 
 

@@ -56,7 +56,8 @@ def restore_latest(mngr, workdir, abstract, keep):
 # changed them would not be the run its checkpoints belong to). Everything else (lr, steps, the
 # mesh, ...) may change when listed in allow_changes.
 _FREE_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "allow_changes", "eval.", "init.",
-              "data.pipeline.prefetch", "data.pipeline.threads")
+              "data.pipeline.prefetch", "data.pipeline.threads",
+              "model.attention")  # attention: the same function, another kernel (a GPU run resumed on CPU)
 _FIXED_KEYS = ("task", "model.", "tokenizer.", "data.source.", "batch_size", "loss.queue_size", "seed")
 
 

@@ -15,6 +15,8 @@ def base():
                                dropout=0.1)),
       embed_dim=256,
       dtype="float32",  # compute dtype (bfloat16 on accelerators); params stay float32
+      # auto: cuDNN's fused attention on NVIDIA GPUs where it fits, XLA's elsewhere | xla | cudnn | einsum
+      attention="auto",
   ))
   c.tokenizer = mlc.ConfigDict(dict(type="bert", vocab="", model="", vocab_size=8000))
   c.data = mlc.ConfigDict(dict(

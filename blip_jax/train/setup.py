@@ -37,6 +37,7 @@ def model_config(c, tokenizer=None):
   vision.update(m.vision.to_dict())
   vision["image_size"] = m.image_size
   text = m.text.to_dict()
+  vision["attention"] = text["attention"] = m.attention
   if tokenizer is not None:
     if tokenizer.vocab_size > text["vocab_size"]:
       raise ConfigError(f"model.text.vocab_size {text['vocab_size']} is smaller than the tokenizer's "
