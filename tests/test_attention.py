@@ -93,14 +93,9 @@ def _sharp(params, scale=3.0):
   return jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
 
 
-def _with(cfg, attention):
-  return cfg.replace(vision=cfg.vision.__class__(**{**cfg.vision.__dict__, "attention": attention}),
-                     text=cfg.text.__class__(**{**cfg.text.__dict__, "attention": attention}))
-
-
 def _outputs(kind, attention):
   """Every output of a tiny model of `kind` (sharp random weights, padded texts) for one attention."""
-  cfg = _with(blip_jax.tiny_config(kind), attention)
+  cfg = blip_jax.tiny_config(kind, vision={"attention": attention}, text={"attention": attention})
   params = _sharp(init_params(cfg, jax.random.PRNGKey(0)))
   r = np.random.RandomState(0)
   pixels = jnp.asarray(r.randn(2, 32, 32, 3).astype(np.float32))
@@ -145,22 +140,37 @@ def test_every_model_kind_equals_the_einsum_path(kind):
 def test_auto_takes_cudnn_only_where_it_fits_and_says_so_once(monkeypatch, caplog):
   bf16 = lambda d: jnp.zeros((1, 4, 2, d), jnp.bfloat16)
   f32 = jnp.zeros((1, 4, 2, 64), jnp.float32)
-  assert layers.attention_implementation("auto", f32, f32) == "einsum"  # this CPU: the faster layout here
-  assert layers.attention_implementation("auto", bf16(64), bf16(64)) == "einsum"
-  assert layers.attention_implementation("xla", f32, f32) == "xla"
+  assert layers.attention_implementation("auto", f32) == "einsum"  # this CPU: the faster layout here
+  assert layers.attention_implementation("auto", bf16(64)) == "einsum"
+  assert layers.attention_implementation("xla", f32) == "xla"
   with pytest.raises(ValueError, match="cudnn.*bfloat16 or float16"):
-    layers.attention_implementation("cudnn", f32, f32)
+    layers.attention_implementation("cudnn", f32)
   with pytest.raises(ValueError, match="one of"):
-    layers.attention_implementation("flash", f32, f32)
+    layers.attention_implementation("flash", f32)
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-  assert layers.attention_implementation("auto", bf16(64), bf16(64)) == "xla"
+  assert layers.attention_implementation("auto", bf16(64)) == "xla"
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(layers, "_said", set())
-  assert layers.attention_implementation("auto", bf16(64), bf16(64)) == "cudnn"
-  assert layers.attention_implementation("cudnn", bf16(128), bf16(128)) == "cudnn"
+  assert layers.attention_implementation("auto", bf16(64)) == "cudnn"
+  assert layers.attention_implementation("cudnn", bf16(128)) == "cudnn"
   with caplog.at_level(logging.WARNING, logger=layers.__name__):
-    assert layers.attention_implementation("auto", bf16(12), bf16(12)) == "xla"  # head size 12
-    assert layers.attention_implementation("auto", bf16(12), bf16(12)) == "xla"
-    assert layers.attention_implementation("auto", f32, f32) == "xla"
+    assert layers.attention_implementation("auto", bf16(12)) == "xla"  # head size 12
+    assert layers.attention_implementation("auto", bf16(12)) == "xla"
+    assert layers.attention_implementation("auto", f32) == "xla"
   said = [r.getMessage() for r in caplog.records]
   assert len(said) == 2 and "multiple of 8" in said[0] and "float32" in said[1], said
+
+
+def test_cudnn_gets_its_bias_over_whole_score_matrices(monkeypatch):
+  """No cuDNN here: the call jax.nn receives is checked instead. A padding bias [B, 1, 1, Lk]
+  reaches cuDNN as [B, 1, Lq, Lk] in the compute dtype, keys and values sequence-major."""
+  seen = {}
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda q, k, v, bias, implementation: seen.update(q=q, k=k, bias=bias, impl=implementation) or q)
+  q, k, v = (t.astype(jnp.bfloat16) for t in _qkv(12, 7))
+  dot_product_attention(q, k, v, padding_bias(_padding(7)), dtype=jnp.bfloat16, implementation="cudnn")
+  assert seen["impl"] == "cudnn" and seen["bias"].shape == (B, 1, 12, 7) and seen["bias"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(seen["bias"][:, :, 5], padding_bias(_padding(7))[:, :, 0].astype(jnp.bfloat16))
+  dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None, dtype=jnp.bfloat16,
+                        heads_first=True, implementation="cudnn")
+  assert seen["k"].shape == (B, 7, H, D) and seen["bias"] is None

@@ -57,7 +57,7 @@ def _say_once(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
 
-def cudnn_unfit(q, k) -> str | None:
+def cudnn_unfit(q) -> str | None:
   """Why cuDNN's fused attention cannot take these inputs (None: it can). cuDNN's kernels take
   bfloat16 / float16 only, and head sizes that are multiples of 8 up to 128."""
   if q.dtype not in (jnp.bfloat16, jnp.float16):
@@ -68,7 +68,7 @@ def cudnn_unfit(q, k) -> str | None:
   return None
 
 
-def attention_implementation(requested: str, q, k) -> str:
+def attention_implementation(requested: str, q) -> str:
   """'auto': cuDNN's fused kernel on NVIDIA GPUs where its constraints hold (said once where they do
   not), XLA's jax.nn.dot_product_attention on other accelerators, and the einsum path on CPUs, where
   XLA runs jax.nn's heads-in-the-middle einsums 1.2-2.4x slower (ViT-B/16 at 224 px, batch 8:
@@ -77,7 +77,7 @@ def attention_implementation(requested: str, q, k) -> str:
     raise ValueError(f"model attention {requested!r}: one of {ATTENTION}")
   if requested in ("xla", "einsum"):
     return requested
-  why = cudnn_unfit(q, k)
+  why = cudnn_unfit(q)
   if requested == "cudnn":
     if why:
       raise ValueError(f"attention='cudnn': {why}; use 'auto' or 'xla'")
@@ -102,7 +102,7 @@ def dot_product_attention(q, k, v, bias=None, *, dropout_rate: float = 0.0, drop
   float32 whatever the compute dtype; the probabilities meet v in the compute dtype.
   """
   impl = "einsum" if (dropout_rate > 0.0 and dropout_rng is not None) else attention_implementation(
-      implementation, q, k)
+      implementation, q)
   if impl == "einsum":
     return einsum_attention(q, k, v, bias, dropout_rate=dropout_rate, dropout_rng=dropout_rng, dtype=dtype,
                             heads_first=heads_first)
@@ -112,8 +112,7 @@ def dot_product_attention(q, k, v, bias=None, *, dropout_rate: float = 0.0, drop
   if bias is not None:
     bias = bias.astype(jnp.float32)
     if impl == "cudnn":  # cuDNN reads a bias over whole [Lq, Lk] score matrices
-      b, _, lq, _ = q.shape
-      bias = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], lq, k.shape[1])).astype(dtype)
+      bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1])).astype(dtype)
   return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
 
 
