@@ -6,6 +6,8 @@ is the compute dtype.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from typing import Any, Callable, Optional, Sequence
 
@@ -57,9 +59,25 @@ def _say_once(message: str) -> None:
     logging.getLogger(__name__).warning(message)
 
 
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("attention_target", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """'auto' chooses for `platform` ("gpu", "tpu", "cpu") instead of this process's backend, while
+  tracing for another machine (train/aot.py: a GPU or TPU step compiled on a CPU)."""
+  token = _TARGET.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET.reset(token)
+
+
 def cudnn_unfit(q) -> str | None:
   """Why cuDNN's fused attention cannot take these inputs (None: it can). cuDNN's kernels take
-  bfloat16 / float16 only, and head sizes that are multiples of 8 up to 128."""
+  bfloat16 / float16 only, and head sizes that are multiples of 8 up to 128. (Its backward pass in
+  jax 0.10.2 also wants even sequence lengths: dot_product_attention pads odd ones, e.g. the ViT's
+  197 or 577 tokens.)"""
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"cuDNN fused attention needs bfloat16 or float16 inputs, not {q.dtype}"
   depth = q.shape[-1]
@@ -82,7 +100,7 @@ def attention_implementation(requested: str, q) -> str:
     if why:
       raise ValueError(f"attention='cudnn': {why}; use 'auto' or 'xla'")
     return "cudnn"
-  backend = jax.default_backend()
+  backend = _TARGET.get() or jax.default_backend()
   if backend != "gpu":
     return "einsum" if backend == "cpu" else "xla"
   if why:
@@ -113,6 +131,16 @@ def dot_product_attention(q, k, v, bias=None, *, dropout_rate: float = 0.0, drop
     bias = bias.astype(jnp.float32)
     if impl == "cudnn":  # cuDNN reads a bias over whole [Lq, Lk] score matrices
       bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1])).astype(dtype)
+  lq, lk = q.shape[1], k.shape[1]
+  if impl == "cudnn" and bias is None and (lq % 2 or lk % 2):
+    # jax 0.10.2's cuDNN backward refuses odd sequence lengths: one zero row is added to the queries
+    # (its output is dropped) and to the keys and values, where cuDNN's padding mask, given the true
+    # key length, keeps it out of every softmax
+    pad = lambda t, n: jnp.pad(t, ((0, 0), (0, n % 2), (0, 0), (0, 0)))
+    lengths = lambda n: jnp.full((q.shape[0],), n, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(q, lq), pad(k, lk), pad(v, lk), query_seq_lengths=lengths(lq),
+                                       key_value_seq_lengths=lengths(lk), implementation=impl)
+    return out[:, :lq]
   return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
 
 
