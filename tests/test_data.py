@@ -51,6 +51,14 @@ def test_json_source_batches(small_json, tok):
   assert b["text_ids"].shape == (8, 30) and (b["text_ids"][:, 0] == 101).all()
   assert p.steps_per_epoch == 10 and p.state()["position"] == 8
   assert all(tok.decode(r) for r in b["text_ids"])
+  assert_shapes_match(b, "caption", dict(image_size=32, text_length=30), 8)
+
+
+def assert_shapes_match(batch, task, cfg, n):
+  """D.batch_shapes (what ahead-of-time compiles build their abstract batch from) names every
+  array of a real training batch, with its shape and dtype."""
+  want = {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in D.batch_shapes(task, cfg, n).items()}
+  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == want
 
 
 def test_two_hosts_cover_every_example_once(tok):
@@ -291,12 +299,14 @@ def test_vqa_and_nlvr_sources(tmp_path, tok):
   b = next(D.InputPipeline(src, tok, dict(batch_size=4, image_size=32, text_length=35)))
   assert b["question_ids"].shape == (4, 35) and b["answer_ids"].shape[:2] == (4, 10)
   np.testing.assert_allclose(b["answer_weights"].sum(1), 1.0, atol=1e-5)  # VQA: count / 10
+  assert_shapes_match(b, "vqa", dict(image_size=32, text_length=35), 4)
   imgs = sorted(os.listdir(os.path.join(COCO, "images")))
   nlvr = [{"images": [f"images/{imgs[i]}", f"images/{imgs[i + 1]}"], "sentence": "The left image has a dog.",
            "label": "True" if i % 2 else "False"} for i in range(4)]
   (tmp_path / "nlvr.json").write_text(json.dumps(nlvr))
   b = next(D.InputPipeline(D.JsonSource(str(tmp_path / "nlvr.json"), COCO), tok, dict(batch_size=4, image_size=32)))
   assert b["image2"].shape == (4, 32, 32, 3) and sorted(b["label"].tolist()) == [0, 0, 1, 1]
+  assert_shapes_match(b, "nlvr", dict(image_size=32), 4)
 
 
 @pytest.mark.parametrize("k", [3, 6, 8])

@@ -264,3 +264,41 @@ def test_ahead_of_time_compile_reports_the_sharded_memory():
   assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert 0 < r["arguments"] < 0.3 * r["state_bytes_unsharded"], r
   assert r["temporaries"] > 0 and r["flops_per_device"] > 0 and r["fits"]
+
+
+@pytest.mark.parametrize("task", ["vqa", "nlvr"])
+def test_ahead_of_time_compile_of_the_fine_tuning_tasks(task):
+  """Every task's step compiles from the abstract batch (data.batch_shapes: VQA's answers, NLVR2's
+  second image and label), as `blip-jax compile --config=configs/vqa.py:vqav2` does for a topology."""
+  import importlib
+
+  from blip_jax.train import aot
+  c = importlib.import_module(f"configs.{task}").get_config("demo")
+  c.unlock()
+  c.model.update(vit="", image_size=32)
+  c.model.vision.update(width=32, depth=1, heads=2, mlp_dim=64, patch=16)
+  c.model.text.update(width=32, depth=2, heads=2, mlp_dim=64, vocab_size=128, pad_id=0, cls_id=2, sep_id=3,
+                      dec_id=4, enc_id=5)
+  c.batch_size = 16
+  r = aot.analyze(c, jax.devices()[:8], hosts=1, hbm_bytes=2 ** 30, peak_flops=1e12)
+  assert r["task"] == task and r["mesh"]["data"] == 8 and r["batch"] == 16, r
+  assert r["temporaries"] > 0 and r["flops_per_device"] > 0 and r["fits"]
+
+
+def test_ahead_of_time_compile_of_capfilt():
+  """`blip-jax compile --config=configs/bootstrap.py:vit_b_14m`: CapFilt's captioner (nucleus
+  sampling) and filter (ITM on each image's web text and synthetic caption) compile over the
+  devices, images split over them, params replicated (here the recipe's models shrunk)."""
+  from blip_jax.train import aot
+  from configs.bootstrap import get_config
+  c = get_config("vit_b_14m")
+  c.unlock()
+  for t in (c.captioner, c.filter):
+    t.model.update(vit="", image_size=32)
+    t.model.vision.update(width=32, depth=1, heads=2, mlp_dim=64, patch=16)
+    t.model.text.update(width=32, depth=1, heads=2, mlp_dim=64)
+  r = aot.analyze_capfilt(c, jax.devices()[:8], hbm_bytes=2 ** 30, per_device=2)
+  assert r["devices"] == 8 and r["images_per_device"] == 2
+  for name in ("captioner", "filter"):
+    m = r[name]
+    assert m["image_size"] == 32 and m["temporaries"] > 0 and m["arguments"] > 0 and m["fits"], (name, m)

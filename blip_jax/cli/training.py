@@ -13,7 +13,6 @@ from ml_collections import config_flags
 
 from blip_jax import fs
 from blip_jax.cli.common import fail, start_hosts
-from blip_jax.train import aot
 from blip_jax.train.checkpointing import flat
 from blip_jax.train.setup import ConfigError
 
@@ -30,17 +29,20 @@ HELP = {  # (what it does, usage, its own flags)
                   "part, pretrain again on clean + bootstrapped data, evaluate both; resumable stage by stage",
                   "--config=configs/bootstrap.py:VARIANT --workdir=DIR [--config.key=value ...]",
                   "--workdir: each stage's outputs, summary.json and summary.png; rerun to resume"),
-    "compile": ("per-device memory and FLOPs of a config's train step on a TPU topology, compiled on this machine",
-                "--config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR] [--json FILE]",
-                "--topology: a TPU slice (v4-64, v5e-256, ...); --libtpu: folder of `pip install --target DIR libtpu`"),
+    "compile": ("per-device memory (and FLOPs, on TPUs) of a config's train step, or of CapFilt's captioner and "
+                "filter for a bootstrap config, on a TPU or GPU topology, compiled on this machine",
+                "--config=configs/<task>.py:VARIANT --topology=v5e-256|h100-8|... [--libtpu DIR] [--json FILE]",
+                "--topology: a TPU slice (v4-64, v5e-256, ...; --libtpu: folder of `pip install --target DIR libtpu`) "
+                "or NVIDIA GPUs (h100-1, h100-8, a100-1, a100-8; run from the CUDA plugin's venv)\n"
+                "  --images_per_device: CapFilt's batch per device (default 64)"),
 }
 # the parser's one-line summaries (blip-jax --help)
 SUMMARY = {
     "train": "train a task: --config=configs/<task>.py:VARIANT --workdir=DIR [--config.k=v]",
     "bootstrap": "the paper's pipeline (pretrain, captioner + filter, CapFilt, pretrain again, evaluate both): "
                  "--config=configs/bootstrap.py:VARIANT --workdir=DIR",
-    "compile": "memory/FLOPs of a config's train step on a TPU topology, compiled here: "
-               "--config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR]",
+    "compile": "memory/FLOPs of a config's train step (or CapFilt) on a TPU or GPU topology, compiled here: "
+               "--config=configs/<task>.py:VARIANT --topology=v5e-256|h100-8 [--libtpu DIR]",
 }
 
 
@@ -136,24 +138,43 @@ def bootstrap_main(argv):
 
 
 def compile_main(argv):
-  """`blip-jax compile --config=configs/pretrain.py:VARIANT --topology=v5e-256 [--libtpu DIR] [--config.k=v]`:
-  per-device memory and FLOPs of the sharded train step on a TPU topology, compiled here."""
+  """`blip-jax compile --config=configs/<task>.py:VARIANT --topology=v5e-256|h100-8 [--libtpu DIR]
+  [--config.k=v]`: per-device memory (and FLOPs, on TPUs) of the sharded train step, or of CapFilt's
+  programs for a bootstrap config, on a TPU or GPU topology, compiled here."""
   fl = config_flags_of("compile", argv, {"topology": "TPU slice, e.g. v4-64, v5e-256",
                                          "libtpu": "folder of the libtpu package (pip install --target DIR libtpu)",
-                                         "json": "also write the figures to this JSON file"}, ("topology",))
-  os.environ["JAX_PLATFORMS"] = "cpu"  # the TPU compiler only: no TPU backend on this machine
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles at once: no TPU is held
-  if fl.libtpu:
-    sys.path.insert(0, fl.libtpu)
-  if importlib.util.find_spec("libtpu") is None:
-    fail('libtpu is not importable: pip install --target DIR "libtpu==0.0.42.*" and pass --libtpu DIR')
+                                         "json": "also write the figures to this JSON file",
+                                         "images_per_device": "CapFilt (a bootstrap config): images per device "
+                                                              "(default 64)"}, ("topology",))
+  from blip_jax.train import aot  # noqa: PLC0415  (TensorFlow, via the input pipeline's batch shapes: heavy)
   if fl.topology not in aot.TOPOLOGIES:
     fail(f"unknown topology {fl.topology!r}; known: {', '.join(aot.TOPOLOGIES)}")
+  if aot.TOPOLOGIES[fl.topology].gpu:
+    # the CUDA plugin compiles for the described card; with no GPU or driver here its start-up check
+    # would refuse to register it
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    # without a card to autotune on, XLA cannot tile some Triton GEMM fusions ("Couldn't find output
+    # tile sizes", e.g. the ViT's attention projection); cuBLAS takes those GEMMs
+    os.environ.setdefault("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+      fail('GPU topologies need the CUDA plugin: a separate venv with pip install "jax[cuda12]==0.10.2" '
+           "(docs/accelerators.md)")
+  else:
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the TPU compiler only: no TPU backend on this machine
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles at once: no TPU is held
+    if fl.libtpu:
+      sys.path.insert(0, fl.libtpu)
+    if importlib.util.find_spec("libtpu") is None:
+      fail('libtpu is not importable: pip install --target DIR "libtpu==0.0.42.*" and pass --libtpu DIR')
   try:
-    report = aot.compile_step(fl.config, fl.topology)
-  except ConfigError as e:
+    if "capfilt" in fl.config:  # a bootstrap config: CapFilt's captioner and filter programs
+      report = aot.compile_capfilt(fl.config, fl.topology, per_device=int(fl.images_per_device or 64))
+      print(aot.format_capfilt(report))
+    else:
+      report = aot.compile_step(fl.config, fl.topology)
+      print(aot.format_report(report))
+  except (ConfigError, ValueError) as e:  # ValueError: a model config that cannot be built
     fail(e)
-  print(aot.format_report(report))
   if fl.json:
     fs.write_json(fl.json, report, indent=2)
 

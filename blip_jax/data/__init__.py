@@ -5,6 +5,7 @@ used, so the plain readers (evaluation, the CLI) do not pay for it."""
 import importlib
 
 _PIPELINE = {"DataError": "pipeline", "InputPipeline": "pipeline", "make_pipeline": "pipeline",
+             "batch_shapes": "pipeline",
              "JsonSource": "sources", "SyntheticSource": "sources", "TFDSSource": "sources",
              "TFRecordSource": "sources", "make_source": "sources", "tf": "tf_setup"}
 

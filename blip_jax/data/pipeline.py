@@ -315,3 +315,21 @@ class InputPipeline:
 
 def make_pipeline(source_cfg, tokenizer, pipeline_cfg, **kw) -> InputPipeline:
   return InputPipeline(make_source(source_cfg), tokenizer, pipeline_cfg, **kw)
+
+
+def batch_shapes(task: str, c: PipelineConfig | dict, n: int) -> dict:
+  """{name: (shape, numpy dtype)} of the training batches of n examples that InputPipeline emits for
+  a source of this task ("caption", "vqa" or "nlvr"; pretraining and retrieval read caption
+  sources), without reading data: ahead-of-time compiles (blip_jax/train/aot.py) build their
+  abstract batch from it. tests/test_data.py holds it against real batches of each task."""
+  c = c if isinstance(c, PipelineConfig) else PipelineConfig.from_dict(c)
+  s, length = c.image_size, c.text_length
+  text = "question" if task == "vqa" else "text"
+  out = {"image": ((n, s, s, 3), np.uint8), f"{text}_ids": ((n, length), np.int32),
+         f"{text}_mask": ((n, length), np.int32), "image_id": ((n,), np.int64), "index": ((n,), np.int64)}
+  if task == "vqa":
+    a = (n, c.max_answers, c.answer_length)
+    out.update(answer_ids=(a, np.int32), answer_mask=(a, np.int32), answer_weights=(a[:2], np.float32))
+  if task == "nlvr":
+    out.update(image2=((n, s, s, 3), np.uint8), label=((n,), np.int32))
+  return out
