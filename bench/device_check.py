@@ -58,12 +58,6 @@ def timed(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
-def compiled_bytes(compiled) -> int:
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-          + m.generated_code_size_in_bytes)
-
-
 def shrink(c):
   """--smoke: the recipe's code paths at tiny sizes."""
   c.model.update(vit="", image_size=32)
@@ -74,6 +68,7 @@ def shrink(c):
 def pretrain_step(a, peak):
   """The largest batch of a.batches (per device) whose step runs; its timing and MFU."""
   from blip_jax.data import batch_shapes
+  from blip_jax.train.aot import memory_figures
   from blip_jax.train.setup import build, make_mesh, model_config
   from configs.pretrain import get_config
   tried = {}
@@ -103,7 +98,8 @@ def pretrain_step(a, peak):
         cost = lowered.cost_analysis() or {}
         flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
         step = lowered.compile()
-        need, limit = compiled_bytes(step), (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # None on CPUs
+        need = memory_figures(step, limit or 0)["total"]
         if limit and need > limit:  # known before running: no out-of-memory run to wait for
           tried[per_device] = f"needs {need / 2 ** 30:.1f} GiB of {limit / 2 ** 30:.1f}"
           continue

@@ -136,7 +136,7 @@ def analyze(c, devices, hosts: int, hbm_bytes: int, peak_flops: float, steps_per
   return {"topology": None, "task": c.task, "devices": len(devices), "hosts": hosts, "mesh": dict(mesh.shape),
           "batch": g, "image_size": s, "dtype": mcfg.dtype, "remat": bool(c.model.vision.remat),
           "attention": attention, "state_bytes_unsharded": state_bytes,
-          **_memory(compiled, hbm_bytes), "hbm": hbm_bytes,
+          **memory_figures(compiled, hbm_bytes), "hbm": hbm_bytes,
           "flops_per_device": flops, "step_s_at_peak": flops / peak_flops if flops else None,
           "examples_per_s_at_peak": g / (flops / peak_flops) if flops else None}
 
@@ -144,8 +144,9 @@ def analyze(c, devices, hosts: int, hbm_bytes: int, peak_flops: float, steps_per
 def compile_capfilt(c, topology: str, per_device: int = 64) -> dict:
   """CapFilt's two programs (blip_jax/capfilt.py) compiled for a topology from a bootstrap config
   (configs/bootstrap.py): the captioner's nucleus sampling and the filter's ITM on the web and
-  synthetic texts, `per_device` images per device (the official inference batch per GPU: 64).
-  Params are replicated and images split over every device, as CapFilt's DataParallel does."""
+  synthetic texts, `per_device` images per device (neither the paper nor the official code gives
+  CapFilt's batch). Params are replicated and images split over every device, as CapFilt's
+  DataParallel does."""
   t = TOPOLOGIES[topology]
   devices = topology_devices(topology)
   r = analyze_capfilt(c, devices, t.hbm_bytes, per_device)
@@ -187,11 +188,12 @@ def analyze_capfilt(c, devices, hbm_bytes: int, per_device: int) -> dict:
                           jax.eval_shape(functools.partial(init_params, mcfg)))
     with layers.compiling_for(devices[0].platform):
       compiled = jax.jit(fn).lower(params, *args).compile()
-    out[name] = {"image_size": mcfg.vision.image_size, "dtype": mcfg.dtype, **_memory(compiled, hbm_bytes)}
+    out[name] = {"image_size": mcfg.vision.image_size, "dtype": mcfg.dtype, **memory_figures(compiled, hbm_bytes)}
   return out
 
 
-def _memory(compiled, hbm_bytes: int) -> dict:
+def memory_figures(compiled, hbm_bytes: int) -> dict:
+  """XLA's memory analysis of a compiled program per device: its parts, their total, and whether it fits."""
   mem = compiled.memory_analysis()
   args, outs, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
   alias, code = mem.alias_size_in_bytes, mem.generated_code_size_in_bytes
