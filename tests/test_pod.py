@@ -302,3 +302,27 @@ def test_ahead_of_time_compile_of_capfilt():
   for name in ("captioner", "filter"):
     m = r[name]
     assert m["image_size"] == 32 and m["temporaries"] > 0 and m["arguments"] > 0 and m["fits"], (name, m)
+
+
+def test_compile_errors_exit_2_with_one_line(capsys, monkeypatch):
+  """`blip-jax compile` refusals, before any compile: an unknown topology, a GPU topology without the
+  CUDA plugin and a TPU topology without libtpu (the default install has neither)."""
+  import importlib.util
+
+  from blip_jax.cli.training import compile_main
+  if importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("libtpu") is not None:
+    pytest.fail("this test assumes the default install, without JAX's CUDA plugin or libtpu")
+  cases = [(["--config=configs/caption.py:coco", "--topology=v9-8"], "unknown topology 'v9-8'"),
+           (["--config=configs/caption.py:coco", "--topology=h100-1"], "GPU topologies need the CUDA plugin"),
+           (["--config=configs/caption.py:coco", "--topology=v5e-16"], "libtpu is not importable")]
+  cwd = os.getcwd()
+  os.chdir(ROOT)
+  try:
+    for args, words in cases:
+      monkeypatch.setattr(sys, "argv", ["blip-jax", "compile"] + args)
+      with pytest.raises(SystemExit) as e:
+        compile_main(args)
+      err = capsys.readouterr().err
+      assert e.value.code == 2 and words in err and "Traceback" not in err, (args, err[-2000:])
+  finally:
+    os.chdir(cwd)

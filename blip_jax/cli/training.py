@@ -156,7 +156,7 @@ def compile_main(argv):
     # without a card to autotune on, XLA cannot tile some Triton GEMM fusions ("Couldn't find output
     # tile sizes", e.g. the ViT's attention projection); cuBLAS takes those GEMMs
     os.environ.setdefault("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
-    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+    if importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
       fail('GPU topologies need the CUDA plugin: a separate venv with pip install "jax[cuda12]==0.10.2" '
            "(docs/accelerators.md)")
   else:
