@@ -11,8 +11,8 @@ as one JSON.
 It measures, on random weights (the speeds do not depend on them):
 - the ViT-B/16 pretraining step (configs/pretrain.py:vit_b, 224 px) in bfloat16 compute at the
   largest per-device batch of --batches that fits: step time, examples/s, and MFU = the step's
-  FLOPs (XLA's cost analysis of the lowered step) / step time / the chip's dense bf16 peak (printed
-  with the peak it used; --peak-tflops overrides it);
+  FLOPs (XLA's cost analysis of the step lowered for one CPU device: GPU lowerings report none) /
+  step time / the chip's dense bf16 peak (printed with the peak it used; --peak-tflops overrides it);
 - captions/s: ViT-B caption model at 384 px, beam 3, max 20 / min 5 (the official COCO decoding),
   image encoding included; --compare-torch also times transformers' BlipForConditionalGeneration
   `generate` in bfloat16 on the same device and batch (needs torch + transformers);
@@ -68,7 +68,7 @@ def shrink(c):
 def pretrain_step(a, peak):
   """The largest batch of a.batches (per device) whose step runs; its timing and MFU."""
   from blip_jax.data import batch_shapes
-  from blip_jax.train.aot import memory_figures
+  from blip_jax.train.aot import memory_figures, step_flops
   from blip_jax.train.setup import build, make_mesh, model_config
   from configs.pretrain import get_config
   tried = {}
@@ -94,10 +94,7 @@ def pretrain_step(a, peak):
       batch = jax.device_put(batch, batch_sharding)
       with jax.set_mesh(mesh):
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(0))
-        lowered = step_fn.lower(state, batch)
-        cost = lowered.cost_analysis() or {}
-        flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
-        step = lowered.compile()
+        step = step_fn.lower(state, batch).compile()
         limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")  # None on CPUs
         need = memory_figures(step, limit or 0)["total"]
         if limit and need > limit:  # known before running: no out-of-memory run to wait for
@@ -114,6 +111,7 @@ def pretrain_step(a, peak):
         raise
       tried[per_device] = "out of memory"
       continue
+    flops = step_flops(c)  # of the whole step (every device's share)
     out = {"per_device_batch": per_device, "global_batch": c.batch_size, "step_s": seconds,
            "examples_per_s": c.batch_size / seconds, "flops_per_step": flops, "tried": tried}
     if peak and flops:

@@ -47,3 +47,4 @@ def test_tiny_step_compiles_for_one_h100(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["topology"] == "h100-1" and r["attention"] == "cudnn" and r["fits"] and r["temporaries"] > 0
+  assert r["flops_per_device"] > 0  # counted on the CPU (aot.step_flops): GPU compiles report none

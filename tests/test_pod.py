@@ -264,6 +264,11 @@ def test_ahead_of_time_compile_reports_the_sharded_memory():
   assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert 0 < r["arguments"] < 0.3 * r["state_bytes_unsharded"], r
   assert r["temporaries"] > 0 and r["flops_per_device"] > 0 and r["fits"]
+  # the whole step's count lowered for one CPU device (GPU rows, the device check's MFU): more than
+  # a device's share, below the 8 shares (they repeat replicated work), and the global batch's
+  whole = aot.step_flops(c)
+  assert 4 * r["flops_per_device"] < whole < 8 * r["flops_per_device"], (whole, r["flops_per_device"])
+  assert 1.9 < aot.step_flops(tiny_config(**{"mesh.data": 1, "mesh.fsdp": 8}, batch_size=16)) / whole < 2.1
 
 
 @pytest.mark.parametrize("task", ["vqa", "nlvr"])

@@ -14,6 +14,7 @@ a described card (GPU_TARGETS) with no GPU or driver; it lives in its own venv
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -110,10 +111,9 @@ def compile_step(c, topology: str, steps_per_epoch: int = 10_000) -> dict:
   return r
 
 
-def analyze(c, devices, hosts: int, hbm_bytes: int, peak_flops: float, steps_per_epoch: int = 10_000) -> dict:
-  """Lowers and compiles the sharded train step of config `c` over `devices` (abstract TPU devices
-  of a topology, or real ones) without running it; XLA's memory and cost analyses per device."""
-
+def lower_step(c, devices, hosts: int = 1, steps_per_epoch: int = 10_000):
+  """The sharded train step of config `c` lowered (traced, not compiled) over `devices`, "auto"
+  attention choosing for their platform: (lowered, abstract state, model config, mesh)."""
   mesh = make_mesh(c, devices)
   check_batch(c, mesh, processes=hosts)
   mcfg = model_config(c)
@@ -121,17 +121,41 @@ def analyze(c, devices, hosts: int, hbm_bytes: int, peak_flops: float, steps_per
   step_fn, init_fn, shardings, batch_sharding, _ = build(c, mcfg, mesh, steps_per_epoch, total)
   state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                        jax.eval_shape(init_fn, jax.random.PRNGKey(0)), shardings)
-  g, s = c.batch_size, mcfg.vision.image_size
-  batch = train_batch(c, s, batch_sharding)
-  platform = devices[0].platform  # "auto" attention chooses for the target, not for this machine
-  with jax.set_mesh(mesh), layers.compiling_for(platform):
-    compiled = step_fn.lower(state, batch).compile()
-    v = mcfg.vision
+  batch = train_batch(c, mcfg.vision.image_size, batch_sharding)
+  with jax.set_mesh(mesh), layers.compiling_for(devices[0].platform):
+    return step_fn.lower(state, batch), state, mcfg, mesh
+
+
+def step_flops(c) -> float:
+  """XLA's FLOP count of one whole train step (the global batch), from the step lowered for one CPU
+  device: GPU lowerings and compiles report no cost analysis. Attention counts as the einsum path's
+  matmuls, whatever kernel the target runs (cuDNN's custom call has no FLOP count either)."""
+  one = copy.deepcopy(c)
+  with one.unlocked():
+    for axis in one.mesh:
+      one.mesh[axis] = 1
+    one.model.attention = "einsum"  # a CPU cannot lower cuDNN's kernel; the matmuls are the same
+  return _flops(lower_step(one, jax.devices("cpu")[:1])[0].cost_analysis())
+
+
+def _flops(cost) -> float:
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def analyze(c, devices, hosts: int, hbm_bytes: int, peak_flops: float, steps_per_epoch: int = 10_000) -> dict:
+  """Lowers and compiles the sharded train step of config `c` over `devices` (abstract TPU or GPU
+  devices of a topology, or real ones) without running it; XLA's memory and cost analyses per
+  device (GPU: the FLOPs of step_flops, split over the devices)."""
+  lowered, state, mcfg, mesh = lower_step(c, devices, hosts, steps_per_epoch)
+  with jax.set_mesh(mesh):
+    compiled = lowered.compile()
+  v = mcfg.vision
+  with layers.compiling_for(devices[0].platform):
     attention = layers.attention_implementation(
         v.attention, jax.ShapeDtypeStruct((1, 1, v.heads, v.width // v.heads), jnp.dtype(mcfg.dtype)))
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0  # None when compiled for a GPU
+  flops = _flops(compiled.cost_analysis()) or step_flops(c) / len(devices)
+  g, s = c.batch_size, mcfg.vision.image_size
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
   return {"topology": None, "task": c.task, "devices": len(devices), "hosts": hosts, "mesh": dict(mesh.shape),
           "batch": g, "image_size": s, "dtype": mcfg.dtype, "remat": bool(c.model.vision.remat),
