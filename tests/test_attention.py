@@ -168,36 +168,36 @@ def test_cudnn_gets_its_bias_over_whole_score_matrices(monkeypatch):
   monkeypatch.setattr(jax.nn, "dot_product_attention",
                       lambda q, k, v, bias=None, implementation=None: seen.update(q=q, k=k, bias=bias,
                                                                                  impl=implementation) or q)
-  q, k, v = (t.astype(jnp.bfloat16) for t in _qkv(12, 7))
-  dot_product_attention(q, k, v, padding_bias(_padding(7)), dtype=jnp.bfloat16, implementation="cudnn")
-  assert seen["impl"] == "cudnn" and seen["bias"].shape == (B, 1, 12, 7) and seen["bias"].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(seen["bias"][:, :, 5], padding_bias(_padding(7))[:, :, 0].astype(jnp.bfloat16))
-  k, v = k[:, :6], v[:, :6]  # even: odd lengths without a bias take the padded call (the next test)
+  q, k, v = (t.astype(jnp.bfloat16) for t in _qkv(12, 8))
+  dot_product_attention(q, k, v, padding_bias(_padding(8)), dtype=jnp.bfloat16, implementation="cudnn")
+  assert seen["impl"] == "cudnn" and seen["bias"].shape == (B, 1, 12, 8) and seen["bias"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(seen["bias"][:, :, 5], padding_bias(_padding(8))[:, :, 0].astype(jnp.bfloat16))
+  k, v = k[:, :6], v[:, :6]  # even lengths: odd ones take the padded call (the next test)
   dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None, dtype=jnp.bfloat16,
                         heads_first=True, implementation="cudnn")
   assert seen["k"].shape == (B, 6, H, D) and seen["bias"] is None
 
 
 def test_cudnn_odd_lengths_are_padded_and_masked(monkeypatch):
-  """jax's cuDNN backward wants even sequence lengths; the ViT has 197 or 577 tokens. No cuDNN here:
-  jax.nn's XLA kernel stands in for it with the same arguments (query and key/value lengths), so the
-  padding, the lengths and the dropped row are what is checked: values and gradients equal the
-  einsum path's, and cuDNN is called with even lengths only."""
+  """jax's cuDNN backward wants even sequence lengths; the ViT has 197 or 577 tokens, retrieval's and
+  VQA's texts 35. No cuDNN here: jax.nn's XLA kernel stands in for it with the same arguments (query
+  and key/value lengths, or the padded bias), so the padding, its masking and the dropped row are
+  what is checked: values and gradients equal the einsum path's, and cuDNN is called with even
+  lengths only."""
   real, calls = jax.nn.dot_product_attention, []
 
   def stand_in(q, k, v, bias=None, implementation=None, **kw):
     calls.append((q.shape[1], k.shape[1], implementation))
     return real(q, k, v, bias=bias, implementation="xla", **kw)
   monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
+  monkeypatch.setattr(layers, "cudnn_unfit", lambda q: None)  # float32 here: the kernel's dtype rule aside
   q, k, v = _qkv(7, 5)
-  for impl in ("cudnn", "einsum"):
-    f = lambda q, k, v, impl=impl: dot_product_attention(q, k, v, implementation=impl, dtype=jnp.float32)
-    if impl == "cudnn":
-      monkeypatch.setattr(layers, "cudnn_unfit", lambda q: None)  # float32 here: the kernel's dtype rule aside
-      fused, fused_grads = f(q, k, v), jax.grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
-    else:
-      written, written_grads = f(q, k, v), jax.grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+  for bias in (None, padding_bias(_padding(5))):  # the ViT's case; a text's padding mask
+    out = {}
+    for impl in ("cudnn", "einsum"):
+      f = lambda q, k, v, impl=impl: dot_product_attention(q, k, v, bias, implementation=impl, dtype=jnp.float32)
+      out[impl] = f(q, k, v), jax.grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out["cudnn"][0], out["einsum"][0], atol=1e-5, rtol=0)
+    for a, b in zip(out["cudnn"][1], out["einsum"][1]):
+      np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
   assert calls and all(c == (8, 6, "cudnn") for c in calls), calls
-  np.testing.assert_allclose(fused, written, atol=1e-5, rtol=0)
-  for a, b in zip(fused_grads, written_grads):
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)

@@ -132,14 +132,20 @@ def dot_product_attention(q, k, v, bias=None, *, dropout_rate: float = 0.0, drop
     if impl == "cudnn":  # cuDNN reads a bias over whole [Lq, Lk] score matrices
       bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1])).astype(dtype)
   lq, lk = q.shape[1], k.shape[1]
-  if impl == "cudnn" and bias is None and (lq % 2 or lk % 2):
+  if impl == "cudnn" and (lq % 2 or lk % 2):
     # jax 0.10.2's cuDNN backward refuses odd sequence lengths: one zero row is added to the queries
-    # (its output is dropped) and to the keys and values, where cuDNN's padding mask, given the true
-    # key length, keeps it out of every softmax
+    # (its output is dropped) and to the keys and values, kept out of every softmax by cuDNN's
+    # padding mask (the true key length) or, with a bias, by the mask value in the bias's new column
     pad = lambda t, n: jnp.pad(t, ((0, 0), (0, n % 2), (0, 0), (0, 0)))
-    lengths = lambda n: jnp.full((q.shape[0],), n, jnp.int32)
-    out = jax.nn.dot_product_attention(pad(q, lq), pad(k, lk), pad(v, lk), query_seq_lengths=lengths(lq),
-                                       key_value_seq_lengths=lengths(lk), implementation=impl)
+    q, k, v = pad(q, lq), pad(k, lk), pad(v, lk)
+    if bias is None:
+      lengths = lambda n: jnp.full((q.shape[0],), n, jnp.int32)
+      out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths(lq), key_value_seq_lengths=lengths(lk),
+                                         implementation=impl)
+    else:
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, lq % 2), (0, 0)))
+      bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, lk % 2)), constant_values=MASK_VALUE)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
     return out[:, :lq]
   return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=impl)
 
