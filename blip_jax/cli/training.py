@@ -29,7 +29,7 @@ HELP = {  # (what it does, usage, its own flags)
                   "part, pretrain again on clean + bootstrapped data, evaluate both; resumable stage by stage",
                   "--config=configs/bootstrap.py:VARIANT --workdir=DIR [--config.key=value ...]",
                   "--workdir: each stage's outputs, summary.json and summary.png; rerun to resume"),
-    "compile": ("per-device memory (and FLOPs, on TPUs) of a config's train step, or of CapFilt's captioner and "
+    "compile": ("per-device memory and FLOPs of a config's train step, or of CapFilt's captioner and "
                 "filter for a bootstrap config, on a TPU or GPU topology, compiled on this machine",
                 "--config=configs/<task>.py:VARIANT --topology=v5e-256|h100-8|... [--libtpu DIR] [--json FILE]",
                 "--topology: a TPU slice (v4-64, v5e-256, ...; --libtpu: folder of `pip install --target DIR libtpu`) "
@@ -139,7 +139,7 @@ def bootstrap_main(argv):
 
 def compile_main(argv):
   """`blip-jax compile --config=configs/<task>.py:VARIANT --topology=v5e-256|h100-8 [--libtpu DIR]
-  [--config.k=v]`: per-device memory (and FLOPs, on TPUs) of the sharded train step, or of CapFilt's
+  [--config.k=v]`: per-device memory and FLOPs of the sharded train step, or of CapFilt's
   programs for a bootstrap config, on a TPU or GPU topology, compiled here."""
   fl = config_flags_of("compile", argv, {"topology": "TPU slice, e.g. v4-64, v5e-256",
                                          "libtpu": "folder of the libtpu package (pip install --target DIR libtpu)",
