@@ -77,9 +77,12 @@ def pretrain_step(a, peak):
     c.unlock()
     c.model.dtype = "bfloat16"
     c.batch_size = per_device * jax.device_count()
-    c.loss.queue_size = 4 * c.batch_size
+    # the recipe's 57,600-feature ITC queue (its similarities are part of the step), rounded to a
+    # multiple of the batch where the batch does not divide it
+    c.loss.queue_size = max(1, round(c.loss.queue_size / c.batch_size)) * c.batch_size
     if a.smoke:
       shrink(c)
+      c.loss.queue_size = 4 * c.batch_size
     c.lock()
     try:
       mesh = make_mesh(c)
