@@ -77,12 +77,34 @@ def test_two_hosts_cover_every_example_once(tok):
   e0 = [list(b["image_id"]) for b in collect(p, 5)]
   e1 = [list(b["image_id"]) for b in collect(p, 5)]
   assert p.epoch == 1 and e0 != e1 and len(set(sum(e1, []))) == 25  # a new permutation, split anew
+  # a global batch on two hosts (host 0's rows, then host 1's) is one host's batch, row for row: a
+  # run on two hosts trains on what one host would (3 epochs of 5 batches of 10, 50 examples)
+  one = D.InputPipeline(src, tok, dict(batch_size=10, image_size=16, randaug=False))
+  two = [D.InputPipeline(src, tok, dict(batch_size=5, image_size=16, randaug=False), process_index=h,
+                         process_count=2) for h in range(2)]
+  for _ in range(15):
+    want = next(one)
+    got = [next(p) for p in two]
+    np.testing.assert_array_equal(np.concatenate([g["index"] for g in got]), want["index"])
+    np.testing.assert_array_equal(np.concatenate([g["image"] for g in got]), want["image"])
 
 
 def _same(a, b):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def assert_resumes(src, tok, cfg, before, after):
+  """A pipeline restored from another's state after `before` batches gives the next `after`
+  batches of an uninterrupted one, every array equal."""
+  straight = collect(D.InputPipeline(src, tok, cfg), before + after)
+  p = D.InputPipeline(src, tok, cfg)
+  collect(p, before)
+  r = D.InputPipeline(src, tok, cfg)
+  r.restore(p.state())
+  for a, b in zip(straight[before:], collect(r, after), strict=True):
+    _same(a, b)
 
 
 def test_resume_mid_epoch_is_identical(small_json, tok):
@@ -149,13 +171,7 @@ def test_tfrecord_shards_from_make_shards(small_json, tok, tmp_path):
           break
         ids += [tuple(r) for r in b["text_ids"]]
     assert len(ids) == 80
-  straight = collect(D.InputPipeline(src, tok, cfg), 7)
-  p = D.InputPipeline(src, tok, cfg)
-  collect(p, 3)
-  r = D.InputPipeline(src, tok, cfg)
-  r.restore(p.state())
-  for a, b in zip(straight[3:], collect(r, 4)):
-    _same(a, b)
+  assert_resumes(src, tok, cfg, before=3, after=4)
 
 
 def test_tfds_builder_from_manual_dir(tmp_path, tok):
@@ -340,3 +356,64 @@ def test_dropped_remainder_is_not_counted_as_skipped(tmp_path, tok):
   p = D.InputPipeline(D.JsonSource(str(tmp_path / "one_bad.json"), COCO), tok, dict(batch_size=4, image_size=32))
   collect(p, 7)
   assert p.epoch == 3 and 3 <= p.skipped <= 4, p.skipped  # one per finished epoch (+1 if epoch 3's batch passed it)
+
+
+def img2dataset_tar(path, samples):
+  """A shard in img2dataset's webdataset layout, written with tarfile here (not our writer):
+  NNNNNNNNN.jpg + .txt + .json per sample; a sample given without "txt" has no text member."""
+  import io
+  import tarfile
+  with tarfile.open(path, "w") as tar:
+    for s in samples:
+      for ext in ("jpg", "txt", "json"):
+        if ext not in s:
+          continue
+        data = s[ext] if isinstance(s[ext], bytes) else s[ext].encode()
+        info = tarfile.TarInfo(f"{s['key']}.{ext}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tar_shards_read_in_place(tmp_path, tok):
+  """img2dataset `.tar` shards: every good sample once per epoch over 1 and 2 hosts (by its text),
+  a corrupt image member, a sample with no text and a shard cut off mid-member skipped and counted,
+  and a resumed pipeline continues with the same batches."""
+  with open(ANN) as f:
+    ann = json.load(f)[:30]
+  samples = []
+  for i, a in enumerate(ann):
+    key = f"{i:09d}"
+    with open(os.path.join(COCO, a["image"]), "rb") as f:
+      jpg = f.read()
+    samples.append({"key": key, "jpg": jpg, "txt": f"sample {i} {a['caption'][0]}",
+                    "json": json.dumps({"key": key, "caption": a["caption"][0], "status": "success"})})
+  samples[3]["jpg"] = b"\xff\xd8 not really a jpeg"  # a corrupt member
+  del samples[7]["txt"]  # a sample without its text
+  d = tmp_path / "wds"
+  d.mkdir()
+  img2dataset_tar(str(d / "00000.tar"), samples[:12])
+  img2dataset_tar(str(d / "00001.tar"), samples[12:24])
+  img2dataset_tar(str(tmp_path / "whole.tar"), samples[24:])
+  whole = (tmp_path / "whole.tar").read_bytes()
+  (d / "00002.tar").write_bytes(whole[:len(whole) - len(whole) // 3])  # cut off inside a member
+  from blip_jax.data import webdataset
+  read = list(webdataset.iter_samples(str(d / "00002.tar")))
+  assert "error" in read[-1] and all("error" not in s for s in read[:-1]) and 0 < len(read) - 1 < 6
+  in_cut = len(read) - 1
+  good = {pre_caption(s["txt"], 30) for k, s in enumerate(samples[:24] + samples[24:24 + in_cut])
+          if k not in (3, 7)}
+  src = D.make_source({"kind": "webdataset", "files": str(d / "*.tar"), "shuffle_buffer": 8})
+  assert isinstance(src, D.WebDatasetSource) and len(src.files) == 3
+  for hosts in (1, 2):
+    texts, skipped = [], 0
+    for h in range(hosts):
+      p = D.InputPipeline(src, tok, dict(batch_size=1, image_size=32), process_index=h, process_count=hosts)
+      while True:
+        b = next(p)
+        if p.epoch > 0:
+          break
+        texts += [tok.decode(r) for r in b["text_ids"]]
+      skipped += p.skipped
+    assert sorted(texts) == sorted(good), hosts
+    assert skipped == 3  # the corrupt image, the missing text, the cut-off shard's end
+  assert_resumes(src, tok, dict(batch_size=4, image_size=32), before=2, after=4)

@@ -7,7 +7,7 @@ import importlib
 _PIPELINE = {"DataError": "pipeline", "InputPipeline": "pipeline", "make_pipeline": "pipeline",
              "batch_shapes": "pipeline",
              "JsonSource": "sources", "SyntheticSource": "sources", "TFDSSource": "sources",
-             "TFRecordSource": "sources", "make_source": "sources", "tf": "tf_setup"}
+             "TFRecordSource": "sources", "WebDatasetSource": "sources", "make_source": "sources", "tf": "tf_setup"}
 
 
 def __getattr__(name):

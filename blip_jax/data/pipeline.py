@@ -1,10 +1,14 @@
 """The input pipeline: a source -> per-host, deterministic, resumable batches of numpy arrays.
 
 Order. Random-access sources: epoch e visits the global permutation index_shuffle(p; seed, e) of all
-examples; host h takes global positions p = h, h + H, h + 2H, ... so H hosts cover every example
-exactly once per epoch. Streaming sources: files are permuted per epoch and split over hosts, then a
-seeded shuffle buffer. Each example's augmentation is keyed by (seed, epoch, position), never by
-time or thread, so the same position always gives the same pixels and caption choice.
+examples. Training: host h of H, with b examples per host batch, takes block h of every run of H*b
+global positions (p = h*b .. h*b + b-1, then H*b + h*b ...), so the global batch of a step holds
+positions in the same order on any number of hosts: a run on two hosts computes what one host
+would (the bootstrap's 2-process test holds them equal). Evaluation: host h takes p = h, h + H, ...
+Either way H hosts cover every example exactly once per epoch. Streaming sources: files are
+permuted per epoch and split over hosts, then a seeded shuffle buffer. Each example's augmentation
+is keyed by (seed, epoch, position), never by time or thread, so the same position always gives the
+same pixels and caption choice.
 
 Resume. `state()` = {epoch, position, skipped, ...} of the last batch handed out; `restore(state)`
 rebuilds the epoch and starts at `position` (random access: by index; streaming: skip() on raw
@@ -101,7 +105,13 @@ class InputPipeline:
     _OPEN.add(self)
     if source.random_access:
       n = len(source)
-      self.host_size = len(range(self.host, n, self.hosts))
+      if self.cfg.train:  # blocks of b = batch_size positions (see the module's docstring); of the
+        # epoch's remainder (less than one global batch) each host takes at most b - 1, spares for
+        # bad examples, so that every host has the same number of batches an epoch
+        b, run = self.cfg.batch_size, self.cfg.batch_size * self.hosts
+        self.host_size = (n // run) * b + min(max(n % run - self.host * b, 0), b - 1)
+      else:
+        self.host_size = len(range(self.host, n, self.hosts))
       if self.cfg.train and self.host_size < self.cfg.batch_size:
         raise ValueError(f"{source.name}: {self.host_size} examples per host, fewer than one batch of "
                          f"{self.cfg.batch_size}")
@@ -134,8 +144,10 @@ class InputPipeline:
     if src.random_access:
       n = len(src)
       key = tf.stack([tf.constant(seed % 2 ** 31, tf.int64), tf.cast(epoch, tf.int64) * 7919 + 0x5EED])
-      def lookup(k):
-        p = host + k * hosts  # global position
+      b = self.cfg.batch_size
+
+      def lookup(k):  # k: this host's count -> the global position
+        p = (k // b) * (b * hosts) + host * b + k % b if self.cfg.train else host + k * hosts
         idx = tf.random.experimental.index_shuffle(p, key, n - 1) if self.cfg.train else p
         return p, src.lookup(idx)
       return tf.data.Dataset.range(start, self.host_size).map(lookup, num_parallel_calls=tf.data.AUTOTUNE,
@@ -251,9 +263,14 @@ class InputPipeline:
       return self._finish(b)
 
   def _host_position(self, p: int) -> int:
-    """This host's own count of a random-access example's global position p = host + k * hosts (k:
-    what `position` and `_raw(start=)` count); streams count per host already."""
-    return (p - self.host) // self.hosts if self.source.random_access else p
+    """This host's own count k of a random-access example's global position p (`lookup` inverted;
+    k is what `position` and `_raw(start=)` count); streams count per host already."""
+    if not self.source.random_access:
+      return p
+    if not self.cfg.train:
+      return (p - self.host) // self.hosts
+    b = self.cfg.batch_size
+    return (p // (b * self.hosts)) * b + p % (b * self.hosts) - self.host * b
 
   def _end_epoch(self, next_in_stream: bool = False):
     if self.host_size is not None:

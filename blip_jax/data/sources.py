@@ -24,6 +24,8 @@ from PIL import Image, ImageDraw
 from blip_jax.data.annotations import check_entries, image_path, read_entries
 from blip_jax.data.tf_setup import tf
 
+CORPUS_LIMIT = 2_000_000  # texts a streaming source gives a tokenizer (SentencePiece samples anyway)
+
 
 class Source:
   task = "caption"  # caption | vqa | nlvr
@@ -154,6 +156,16 @@ class TFRecordSource(Source):
     self.name = os.path.dirname(found[0]) or found[0]
     self.shuffle_buffer, self.cycle_length = shuffle_buffer, cycle_length
 
+  def corpus(self, limit: int = CORPUS_LIMIT) -> list:
+    """The shards' texts (up to `limit`), in file order: what a tokenizer is trained on."""
+    out = []
+    for f in self.files:
+      for record in tf.data.TFRecordDataset(f).map(self.parse):
+        out += [t.decode("utf-8", "replace") for t in record["texts"].numpy()]
+        if len(out) >= limit:
+          return out[:limit]
+    return out
+
   FEATURES = {"jpg": tf.io.FixedLenFeature([], tf.string), "txt": tf.io.FixedLenFeature([], tf.string, ""),
               "key": tf.io.FixedLenFeature([], tf.string, ""), "captions": tf.io.VarLenFeature(tf.string)}
 
@@ -165,20 +177,65 @@ class TFRecordSource(Source):
     return {"image": f["jpg"], "texts": texts,
             "image_id": tf.strings.to_hash_bucket_fast(f["key"], 2 ** 62)}
 
+  def _file_dataset(self, path):
+    return tf.data.TFRecordDataset(path)
+
   def epoch_dataset(self, epoch, seed, host, hosts):
+    """Files permuted per epoch and dealt to hosts (records dealt, when hosts outnumber files),
+    interleaved, through a seeded shuffle buffer; `_file_dataset` and `parse` are the format's."""
     order = np.random.RandomState((seed * 1_000_003 + epoch) % 2 ** 32).permutation(len(self.files))
     files = [self.files[i] for i in order]
     per_file = len(files) >= hosts
     if per_file:
       files = files[host::hosts]
     ds = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, cycle_length=self.cycle_length, num_parallel_calls=self.cycle_length,
+        self._file_dataset, cycle_length=self.cycle_length, num_parallel_calls=self.cycle_length,
         deterministic=True)
     if not per_file:
       ds = ds.shard(hosts, host)
     if self.shuffle_buffer > 1:
       ds = ds.shuffle(self.shuffle_buffer, seed=seed * 7919 + epoch, reshuffle_each_iteration=False)
     return ds.map(self.parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+class WebDatasetSource(TFRecordSource):
+  """webdataset `.tar` shards (img2dataset's default output: key.jpg + key.txt + key.json), read as
+  streams in place (data/webdataset.py), files split over hosts and interleaved as TFRecords are.
+  A sample's image id is its key (the .json's `key`, else the member name), hashed as TFRecords'."""
+
+  def __init__(self, files: str | Sequence[str], shuffle_buffer: int = 10_000, cycle_length: int = 4):
+    from blip_jax.data import webdataset  # noqa: PLC0415
+    self.files = webdataset.glob(files, ".tar")
+    self.name = os.path.dirname(self.files[0]) or self.files[0]
+    self.shuffle_buffer, self.cycle_length = shuffle_buffer, cycle_length
+
+  def corpus(self, limit: int = CORPUS_LIMIT) -> list:
+    """The shards' texts (up to `limit`), in file order: what a tokenizer is trained on."""
+    from blip_jax.data import webdataset  # noqa: PLC0415
+    out = []
+    for f in self.files:
+      for s in webdataset.iter_samples(f):
+        out += s.get("texts", [])
+        if len(out) >= limit:
+          return out[:limit]
+    return out
+
+  @staticmethod
+  def _read(path):
+    from blip_jax.data import webdataset  # noqa: PLC0415
+    for s in webdataset.iter_samples(path.decode() if isinstance(path, bytes) else path):
+      # a broken-off shard: one bad sample (no image), dropped and counted by the pipeline
+      yield {"image": s.get("image", b""), "texts": s.get("texts") or [""], "key": s["key"]}
+
+  def _file_dataset(self, path):
+    return tf.data.Dataset.from_generator(self._read, args=(path,), output_signature={
+        "image": tf.TensorSpec([], tf.string), "texts": tf.TensorSpec([None], tf.string),
+        "key": tf.TensorSpec([], tf.string)})
+
+  @staticmethod
+  def parse(sample):
+    return {"image": sample["image"], "texts": sample["texts"],
+            "image_id": tf.strings.to_hash_bucket_fast(sample["key"], 2 ** 62)}
 
 
 class TFDSSource(Source):
@@ -293,10 +350,13 @@ def make_source(cfg) -> Source:
   if kind == "tfrecord":
     return TFRecordSource(list(cfg["files"]) if not isinstance(cfg["files"], str) else cfg["files"],
                           cfg.get("shuffle_buffer", 10_000))
+  if kind == "webdataset":
+    return WebDatasetSource(list(cfg["files"]) if not isinstance(cfg["files"], str) else cfg["files"],
+                            cfg.get("shuffle_buffer", 10_000))
   if kind == "tfds":
     return TFDSSource(cfg["name"], cfg.get("split", "train"), cfg.get("data_dir") or None,
                       cfg.get("image_key", "image"), cfg.get("text_key") or None, cfg.get("shuffle_buffer", 10_000))
   if kind == "synthetic":
     return SyntheticSource(cfg.get("num_examples", 2048), cfg.get("image_size", 64), cfg.get("seed", 0),
                            cfg.get("split", "train"))
-  raise ValueError(f"unknown source kind {kind!r} (json, tfrecord, tfds, synthetic)")
+  raise ValueError(f"unknown source kind {kind!r} (json, tfrecord, webdataset, tfds, synthetic)")
