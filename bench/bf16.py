@@ -9,7 +9,6 @@ captions: configs/caption.py:demo (a tiny captioner trained in float32 on COCO-m
   official COCO decoding (beam 3, max 20, min 5); prints how many captions are identical and
   CIDEr / BLEU-4 of each (pycocoevalcap).
 
-  .venv/bin/pip install matplotlib
   .venv/bin/python bench/bf16.py --out /tmp/bf16 [--steps 300] [--caption-epochs 30] [--parts training captions]
   (docs/figures/bf16_training.png is this script's plot)
 """

@@ -8,9 +8,10 @@ threshold (0.5: the ITM head's "unmatched" decision). Kept original and kept syn
 written as separate image-text pairs, in the input's format:
 
 - BLIP JSON in  -> shards/NNNNN.json, merged into bootstrapped.json (same image paths and root);
-- TFRecord in   -> shards/NNNNN.tfrecord, one output shard per input file, one record per pair.
+- TFRecord in   -> shards/NNNNN.tfrecord, one output shard per input file, one record per pair;
+- webdataset .tar in (img2dataset's default) -> shards/NNNNN.tar, the same way, one sample per pair.
 
-Work is split in shards (JSON: `per_shard` images; TFRecord: one input file), dealt round
+Work is split in shards (JSON: `per_shard` images; TFRecord, tar: one input file), dealt round
 robin to the processes; each process splits its batches over its own devices. A shard is written
 to temporary names and committed by renaming; its stats file, renamed last, marks it done, so a
 killed run resumes with no shard lost or done twice. Sampling draws from a key made of the seed,
@@ -28,7 +29,6 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from blip_jax import fs
@@ -41,6 +41,7 @@ from blip_jax.tokenizers import pre_caption
 
 BINS = 20
 KINDS = ("web", "synthetic")
+EXAMPLES = 8  # synthetic captions a shard shows in the report (image, caption, ITM p(match))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,7 @@ class CapFiltSettings:
   BLIP_Decoder.generate(sample=True) settings: top-p 0.9 (with transformers 4.15's default top-k 50),
   repetition penalty 1.1, max 30 / min 10 tokens counting the 4 prompt tokens."""
   threshold: float = 0.5
-  num_captions: int = 1
+  num_captions: int = 1  # 0: no captioner, the filter alone; threshold 0: no filter, every text kept
   num_beams: int = 1  # > 1: beam search instead of sampling (the paper's comparison; top_p unused)
   top_p: float = 0.9
   top_k: int = 50  # transformers 4.15's default, which the official nucleus sampling inherits
@@ -161,6 +162,53 @@ class TFRecordInput:
         w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
 
 
+class TarInput:
+  """img2dataset webdataset `.tar` shards (data/webdataset.py), read in place: one output shard per
+  input file, in the same layout; each kept pair is a sample `<key>_<n>` whose .json holds the
+  image's key, the kind and the ITM score (so the pairs of one image share its image id)."""
+  ext = ".tar"
+
+  def __init__(self, files: Sequence[str]):
+    from blip_jax.data import webdataset  # noqa: PLC0415
+    self.files = webdataset.glob(files, ".tar")
+    self.num_shards = len(self.files)
+
+  def count(self, shard: int) -> None:
+    return None
+
+  def read(self, shard: int):
+    from blip_jax.data import webdataset  # noqa: PLC0415
+    out = []
+    for s in webdataset.iter_samples(self.files[shard]):
+      if "error" in s:
+        out.append(({"key": s["key"], "texts": []}, s["error"]))
+        continue
+      item = {"key": s["key"], "texts": s["texts"] or [""], "jpg": s["image"]}  # no text: counted blank
+      out.append((item, s["image"] or f"{self.files[shard]} sample {s['key']!r}: no image member"))
+    return out
+
+  def describe(self, item) -> str:
+    return f"sample {item['key']!r}"
+
+  def write(self, path: str, pairs):
+    from blip_jax.data import webdataset  # noqa: PLC0415
+    webdataset.write_shard(path, ({"key": f"{item['key']}_{n}", "image": item["jpg"], "text": text,
+                                   "meta": {"key": item["key"], "kind": kind, "itm": round(float(score), 6)}}
+                                  for n, (item, text, kind, score) in enumerate(pairs)))
+
+
+def make_input(files: Sequence[str], image_root: str = "", per_shard: int = 1000):
+  """The CapFilt input for annotation JSON, TFRecord or webdataset `.tar` files (by extension)."""
+  files = list(files)
+  if all(f.endswith(".tar") for f in files):
+    return TarInput(files)
+  if all(".tfrecord" in f for f in files):
+    return TFRecordInput(files)
+  if all(f.endswith((".json", ".jsonl")) for f in files):
+    return JsonInput(files, image_root, per_shard)
+  raise ValueError(f"CapFilt input {files}: give BLIP JSON, TFRecord or .tar files, one format")
+
+
 # ---- the filter -------------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -192,12 +240,15 @@ class CapFilt:
     """Captions and scores one batch of images -> ([(item, text, kind, score)], blank texts skipped)."""
     s, n = self.s, len(items)
     empty = 0
-    synthetic = self.captioner.generate(
-        self.dp.put_batch(pad_rows(pix_c, self.rows)), s.prompt, s.max_length, s.min_length,
-        num_beams=s.num_beams, top_p=None if s.num_beams > 1 else s.top_p,
-        top_k=s.top_k, temperature=s.temperature, repetition_penalty=s.repetition_penalty,
-        num_captions=s.num_captions, seed=self._seed(shard, index))
-    synthetic = [c if s.num_captions > 1 else [c] for c in synthetic[:n]]
+    if s.num_captions == 0:  # the filter alone (Table 1's "F" row): web texts only
+      synthetic = [[] for _ in range(n)]
+    else:
+      synthetic = self.captioner.generate(
+          self.dp.put_batch(pad_rows(pix_c, self.rows)), s.prompt, s.max_length, s.min_length,
+          num_beams=s.num_beams, top_p=None if s.num_beams > 1 else s.top_p,
+          top_k=s.top_k, temperature=s.temperature, repetition_penalty=s.repetition_penalty,
+          num_captions=s.num_captions, seed=self._seed(shard, index))
+      synthetic = [c if s.num_captions > 1 else [c] for c in synthetic[:n]]
     candidates = []  # (image row, item, text as written, kind, text as scored)
     for i, item in enumerate(items):
       for kind, texts in (("web", item["texts"]), ("synthetic", synthetic[i])):
@@ -274,7 +325,7 @@ def _shard_stats(scored, stats, threshold):
 
 
 def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progress: bool = True) -> dict:
-  """Runs (or resumes) CapFilt over `source` (JsonInput | TFRecordInput) into out_dir."""
+  """Runs (or resumes) CapFilt over `source` (JsonInput | TFRecordInput | TarInput) into out_dir."""
   shard_dir = fs.join(out_dir, "shards")
   check_settings(out_dir, source, settings)
   cf = CapFilt(captioner, filt, settings)
@@ -292,6 +343,9 @@ def run(captioner, filt, source, out_dir: str, settings: CapFiltSettings, progre
       source.write(tmp, kept)
       fs.publish(tmp, data)
       stats = _shard_stats(scored, stats, settings.threshold)
+      # what the captioner wrote, kept or not: the first few of the shard, to read in the report
+      stats["synthetic_examples"] = [[source.describe(item), text, round(float(p), 4)]
+                                     for item, text, kind, p in scored if kind == "synthetic"][:EXAMPLES]
       stats["process"] = jax.process_index()
       fs.write_json(_stats_path(shard_dir, i), stats, indent=None)  # the shard is done
       bar.set_postfix(shards_done=f"{len(mine) - len(todo) + done + 1}/{len(mine)}")
@@ -324,7 +378,8 @@ def finish(out_dir: str, source, settings: CapFiltSettings) -> dict:
   report = {"settings": dataclasses.asdict(settings), "shards": source.num_shards,
             "images": total("images"), "images_undecodable": total("images_undecodable"),
             "texts_empty_skipped": total("texts_empty"),
-            "undecodable_examples": [e for s in stats for e in s["errors"]][:20]}
+            "undecodable_examples": [e for s in stats for e in s["errors"]][:20],
+            "synthetic_examples": [e for s in stats for e in s.get("synthetic_examples", [])][:20]}
   for kind in KINDS:
     n = total(f"{kind}_texts")
     report[kind] = {"texts": n, "kept": total(f"{kind}_kept"), "dropped": total(f"{kind}_dropped"),
@@ -340,34 +395,33 @@ def finish(out_dir: str, source, settings: CapFiltSettings) -> dict:
     out = fs.write_text(fs.join(out_dir, "bootstrapped.json"), json.dumps(rows))
     root = str(fs.path(source.root)) if source.root else ""
     report["output"] = {"kind": "json", "annotations": [out], "image_root": root}
-  else:
-    report["output"] = {"kind": "tfrecord", "files": fs.join(shard_dir, "*.tfrecord")}
+  else:  # the input's shard format: what pretraining reads (data.source.kind)
+    kind = "webdataset" if source.ext == ".tar" else "tfrecord"
+    report["output"] = {"kind": kind, "files": fs.join(shard_dir, f"*{source.ext}")}
   fs.write_json(fs.join(out_dir, "report.json"), report)
   histogram_png(report, settings.threshold, fs.join(out_dir, "report.png"))
   return report
 
 
-def histogram_png(report: dict, threshold: float, path: str, width: int = 720, height: int = 300):
-  """Two bar charts (web, synthetic) of ITM match probability with the threshold marked (Pillow)."""
-  img = Image.new("RGB", (width, height), "white")
-  d = ImageDraw.Draw(img)
-  panel = width // 2
-  for p, kind in enumerate(KINDS):
-    x0, y0, w, h = p * panel + 30, 40, panel - 50, height - 80
+def histogram_png(report: dict, threshold: float, path: str):
+  """Two histograms (web, synthetic) of the filter's ITM p(match), kept bins green, dropped red,
+  the threshold marked (matplotlib)."""
+  import matplotlib  # noqa: PLC0415  (slow to import: only here)
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  edges = np.asarray(report["histogram_bins"])
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), sharey=False)
+  for ax, kind in zip(axes, KINDS):
     counts = report[kind]["histogram"]
-    top = max(max(counts), 1)
-    d.text((x0, 10), f"{kind}: {report[kind]['kept']} kept / {report[kind]['texts']} texts", fill="black")
-    bw = w / len(counts)
-    for b, c in enumerate(counts):
-      kept = (b + 1) / len(counts) > threshold
-      bh = h * c / top
-      d.rectangle([x0 + b * bw, y0 + h - bh, x0 + (b + 1) * bw - 1, y0 + h], fill="#3a7" if kept else "#c44")
-    d.line([x0, y0 + h, x0 + w, y0 + h], fill="black")
-    tx = x0 + w * min(max(threshold, 0.0), 1.0)
-    d.line([tx, y0 - 5, tx, y0 + h], fill="blue", width=2)
-    for v in (0.0, 0.5, 1.0):
-      d.text((x0 + w * v - 8, y0 + h + 6), f"{v:.1f}", fill="black")
-    d.text((x0, y0 + h + 24), f"ITM p(match); threshold {threshold:g} (blue)", fill="black")
+    colours = ["#3a7" if hi > threshold else "#c44" for hi in edges[1:]]
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=colours)
+    ax.axvline(threshold, color="blue", linewidth=1.5)
+    ax.set_title(f"{kind}: {report[kind]['kept']} kept / {report[kind]['texts']} texts", fontsize=10)
+    ax.set_xlabel(f"ITM p(match); threshold {threshold:g}")
+    ax.set_xlim(0, 1)
+  axes[0].set_ylabel("texts")
+  fig.tight_layout()
   buf = io.BytesIO()
-  img.save(buf, format="PNG")
+  fig.savefig(buf, format="png", dpi=100)
+  plt.close(fig)
   fs.write_bytes(path, buf.getvalue())

@@ -98,8 +98,8 @@ def cmd_vqa(a):
 
 
 def cmd_capfilt(a):
-  if bool(a.annotations) == bool(a.tfrecords):
-    fail("give the source as --annotations FILE... (BLIP JSON) or --tfrecords GLOB... (shards)")
+  if sum(map(bool, (a.annotations, a.tfrecords, a.tars))) != 1:
+    fail("give the source as --annotations FILE... (BLIP JSON), --tfrecords GLOB... or --tars GLOB... (shards)")
   if a.threshold < 0:
     fail("--threshold must be >= 0")
   if a.beams > 1:
@@ -110,7 +110,7 @@ def cmd_capfilt(a):
       temperature=a.temperature, max_length=a.max_length, min_length=a.min_length,
       repetition_penalty=a.repetition_penalty, prompt=a.prompt, seed=a.seed, batch_size=a.batch_size)
   source = (capfilt.JsonInput(a.annotations, a.image_root, a.images_per_shard) if a.annotations
-            else capfilt.TFRecordInput(a.tfrecords))
+            else capfilt.TFRecordInput(a.tfrecords) if a.tfrecords else capfilt.TarInput(a.tars))
   start_hosts()
   capfilt.check_settings(a.out, source, settings)
   captioner = blip_jax.load(a.captioner, vocab=a.captioner_vocab or a.vocab)
@@ -166,6 +166,7 @@ def register(sub) -> None:
   cf.add_argument("--annotations", nargs="+", help="BLIP caption JSON file(s)")
   cf.add_argument("--image-root", default="", help="root of the JSON's relative image paths")
   cf.add_argument("--tfrecords", nargs="+", help="img2dataset TFRecord files or globs")
+  cf.add_argument("--tars", nargs="+", help="img2dataset webdataset .tar files or globs (read in place)")
   cf.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
   cf.add_argument("--threshold", type=float, default=0.5, help="drop texts whose ITM p(match) is below this")
   cf.add_argument("--num-captions", type=int, default=1, help="synthetic captions per image (paper: 1)")
