@@ -9,29 +9,37 @@
   stage 5  evaluate the stage-1 and stage-4 models the same way on the held-out set (retrieval R@K,
            caption metrics)
 
+`variants` adds the other rows of the paper's Table 1, sharing stages 0-2: stages 3 and 4 again
+with the filter alone (`3_capfilt_filter`, `4_pretrain_filter`) and with the captioner alone
+(`..._captioner`); "no CapFilt" is the stage-1 model (same data, config and seed).
+
+The noisy part is BLIP JSON, TFRecord or webdataset `.tar` shards (img2dataset's outputs, read in
+place); with shards, stage 0 writes the clean training part as shards of the same format, so
+stages 1 and 4 read one kind of source, and CapFilt's output shards feed stage 4 as they are.
+One `seed` reaches every random choice: the synthetic data, every stage's initialisation, data
+order, augmentation, ITM negatives and dropout, and CapFilt's sampling.
+
 Every stage writes under WORKDIR/<stage>/ and marks itself complete with DONE.json, written last;
 a complete stage is skipped, an incomplete one resumes (training from its latest checkpoint,
 CapFilt from its finished shards). So a rerun after a crash goes on where it stopped, and a kill
 between stages loses nothing. The `:demo` data is synthetic with a known share of injected noise
 (captions of other images), so stage 3 also reports the filter's precision and recall on it.
-At the end WORKDIR/summary.json and summary.png hold the table that is printed.
+At the end WORKDIR/summary.json and summary.png (matplotlib) hold the table that is printed,
+with what each stage read, skipped and kept; wall-clock seconds go to timing.json, so two runs with
+one seed write the same summary.json.
 """
 from __future__ import annotations
 
 import copy
-import io
 import json
-import os
 import time
 
 import jax
-import numpy as np
-from PIL import Image, ImageDraw
 
 import blip_jax
 from blip_jax import capfilt, fs
-from blip_jax.data.annotations import read_entries
-from blip_jax.data.sources import synthetic_example
+from blip_jax.bootstrap_data import FORMATS, BootstrapError, count_pairs, noisy_format, stage0
+from blip_jax.bootstrap_report import format_summary, summary_plot
 from blip_jax.distributed import sync_hosts
 from blip_jax.tasks import caption as C
 from blip_jax.tasks import retrieval as R
@@ -39,101 +47,35 @@ from blip_jax.train.trainer import train
 
 DONE = "DONE.json"
 STAGES = ("0_data", "1_pretrain", "2_captioner", "2_filter", "3_capfilt", "4_pretrain", "5_eval")
+# Table 1's rows beyond "none" (the stage-1 model): CapFilt settings each, and their stage suffix
+VARIANTS = {"capfilt": ({}, ""), "filter": ({"num_captions": 0}, "_filter"),
+            "captioner": ({"threshold": 0.0}, "_captioner")}
 
 
-class BootstrapError(ValueError):
-  """A configuration or data problem, named before the stage that needs it runs."""
-
-
-def _stage(workdir: str, name: str, fn, log) -> dict:
-  """fn(stage_dir) -> result dict, unless the stage is complete (its DONE.json is read instead)."""
+def _stage(workdir: str, name: str, fn, log, main_only: bool = False) -> dict:
+  """fn(stage_dir) -> result dict, unless the stage is complete (its DONE.json is read instead).
+  main_only: process 0 alone runs fn (writing shared files); the others read its DONE.json."""
   d = fs.join(workdir, name)
   done = fs.join(d, DONE)
+  sync_hosts(f"bootstrap {name} start")  # every process looks for DONE.json before any writes it
   if fs.exists(done):
     log(f"[{name}] complete: skipped")
     return fs.read_json(done)
   fs.makedirs(d)
   log(f"[{name}] running")
   t0 = time.time()
-  result = fn(d)
-  result["seconds"] = round(time.time() - t0, 1)
+  result = fn(d) if jax.process_index() == 0 or not main_only else None
   if jax.process_index() == 0:
     fs.write_json(done, result, indent=2)  # through a temporary name: the stage is done only now
   sync_hosts(f"bootstrap {name} done")
-  log(f"[{name}] done in {result['seconds']:.0f} s")
+  if result is None:
+    result = fs.read_json(done)
+  seconds = round(time.time() - t0, 1)
+  if jax.process_index() == 0:  # wall-clock times apart from the results (timing.json)
+    timing = fs.join(workdir, "timing.json")
+    fs.write_json(timing, {**(fs.read_json(timing) if fs.exists(timing) else {}), name: seconds}, indent=2)
+  log(f"[{name}] done in {seconds:.0f} s")
   return result
-
-
-# ---- stage 0: data ------------------------------------------------------------------------------
-def synthetic_data(d: str, cfg) -> dict:
-  """Synthetic images (data.sources.synthetic_example) written as JPEG files with BLIP JSON:
-  noisy.json (a `noise_fraction` share of captions replaced by another image's, different,
-  caption; labels in noise_labels.json), clean_train.json, clean_val.json and heldout.json (the
-  last two Karpathy-style, one caption per image, held-out captions all distinct). image_id: one
-  per distinct true caption (images that nothing can tell apart are positives for each other)."""
-  img_dir = fs.join(d, "images")
-  fs.makedirs(img_dir)
-  groups: dict = {}
-  rng = np.random.RandomState(cfg.seed)
-
-  def make(split, n, seed, unique=False):
-    rows, seen, i = [], set(), 0
-    while len(rows) < n:
-      jpeg, caption = synthetic_example(i, cfg.image_size, seed)
-      i += 1
-      if unique and caption in seen:
-        continue
-      seen.add(caption)
-      name = f"images/{split}_{len(rows):06d}.jpg"
-      with open(os.path.join(d, name), "wb") as f:
-        f.write(jpeg)
-      rows.append({"image": name, "caption": caption, "image_id": groups.setdefault(caption, len(groups))})
-      if unique and i > 100 * n:
-        raise BootstrapError(f"data.heldout={n}: more distinct captions than the synthetic source has")
-    return rows
-
-  # disjoint generator seeds per part (SyntheticSource uses seed*3 + 1..3)
-  base = 1000 + 10 * cfg.seed
-  noisy = make("noisy", cfg.noisy, base + 1)
-  clean = make("clean", cfg.clean + cfg.clean_val, base + 2)
-  held = make("heldout", cfg.heldout, base + 3, unique=True)
-  n_noise = int(round(cfg.noise_fraction * len(noisy)))
-  noisy_idx = set(rng.permutation(len(noisy))[:n_noise].tolist())
-  true_caps = [r["caption"] for r in noisy]
-  labels = []
-  for i, r in enumerate(noisy):
-    if i in noisy_idx:  # a caption of another image, never one equal to this image's own
-      while True:
-        j = int(rng.randint(len(noisy)))
-        if true_caps[j] != r["caption"]:
-          break
-      r["caption"] = true_caps[j]
-    labels.append({"image": r["image"], "caption": r["caption"], "noisy": i in noisy_idx,
-                   "true_caption": true_caps[i]})
-  karpathy = lambda rows: [{"image": r["image"], "caption": [r["caption"]]} for r in rows]
-  files = {"noisy": fs.join(d, "noisy.json"), "clean_train": fs.join(d, "clean_train.json"),
-           "clean_val": fs.join(d, "clean_val.json"), "heldout": fs.join(d, "heldout.json"),
-           "noise_labels": fs.join(d, "noise_labels.json")}
-  fs.write_json(files["noisy"], noisy)
-  fs.write_json(files["clean_train"], clean[:cfg.clean])
-  fs.write_json(files["clean_val"], karpathy(clean[cfg.clean:]))
-  fs.write_json(files["heldout"], karpathy(held))
-  fs.write_json(files["noise_labels"], labels)
-  return {"kind": "synthetic", "files": files, "image_root": d,
-          "sizes": {"noisy": len(noisy), "noisy_injected": n_noise, "clean_train": cfg.clean,
-                    "clean_val": cfg.clean_val, "heldout": len(held)}}
-
-
-def json_data(cfg) -> dict:
-  """Your own data as BLIP JSON (the paper recipe: web pairs noisy, COCO + VG clean)."""
-  for key in ("noisy", "clean_train", "clean_val", "heldout"):
-    for path in getattr(cfg.json, key):
-      if not path or not fs.exists(path):
-        raise BootstrapError(f"data.json.{key}: {path!r} does not exist")
-  files = {k: list(getattr(cfg.json, k)) for k in ("noisy", "clean_train")}
-  files.update(clean_val=cfg.json.clean_val[0], heldout=cfg.json.heldout[0])
-  return {"kind": "json", "files": files, "image_root": cfg.json.image_root,
-          "eval_image_root": cfg.json.eval_image_root or cfg.json.image_root, "sizes": {}}
 
 
 def _as_list(x):
@@ -141,11 +83,15 @@ def _as_list(x):
 
 
 # ---- stages 1, 2 and 4: training through the one trainer ------------------------------------------
-def _train_config(base_cfg, annotations, image_root, updates: dict):
+def _train_config(base_cfg, source: dict, updates: dict, seed: int):
+  """base_cfg reading `source` (a data.source dict), with `seed` for its initialisation, ITM
+  negatives, dropout (seed) and data order and augmentation (data.pipeline.seed)."""
   c = copy.deepcopy(base_cfg)
   c.unlock()
-  c.data.source.update(kind="json", annotations=tuple(annotations), image_root=image_root)
-  c.update_from_flattened_dict(updates)
+  for k in set(source) & {"files", "annotations"}:  # a list of shards where configs hold one pattern
+    del c.data.source[k]
+  c.data.source.update(source)
+  c.update_from_flattened_dict({"seed": seed, "data.pipeline.seed": seed, **updates})
   c.lock()
   return c
 
@@ -154,19 +100,35 @@ def _train(c, d: str) -> dict:
   final = fs.join(d, "final")
   result = train(c, fs.join(d, "run"), final_model=final)
   out = {"final_model": final, "steps": result["step"],
-         "final_loss": result["final"].get("loss") if result.get("final") else None}
+         "final_loss": result["final"].get("loss") if result.get("final") else None,
+         "counts": {"examples_trained": result["step"] * c.batch_size, "skipped": result["skipped_examples"]}}
   if result.get("best"):
     out["best_model"] = fs.join(d, "run", "best")
     out["best"] = {k: v for k, v in result["best"].items() if k != "metrics"}
   return out
 
 
-def pretrain_stage(c, data: dict, annotations: list, d: str) -> dict:
-  pc = _train_config(c.pretrain, annotations, data["image_root"], {"eval.enabled": False})
-  out = _train(pc, d)
-  out["annotations"] = annotations
-  out["pairs"] = len(read_entries(annotations))  # JSON or JSON lines, as training reads them
+def _source(fmt: str, files: list, image_root: str) -> dict:
+  if fmt == "json":
+    return {"kind": "json", "annotations": tuple(files), "image_root": image_root}
+  return {"kind": fmt, "files": tuple(files)}
+
+
+def pretrain_stage(c, data: dict, files: list, d: str) -> dict:
+  """Pretraining on `files` (the data's format): stage 1 on noisy + clean, stage 4 on clean +
+  bootstrapped. Shards stream, so their steps per epoch come from the pairs counted here."""
+  fmt = data["format"]
+  pairs = count_pairs(files, fmt)
+  updates = {"eval.enabled": False}
+  if fmt != "json":
+    updates["steps_per_epoch"] = max(pairs // c.pretrain.batch_size, 1)
+  out = _train(_train_config(c.pretrain, _source(fmt, files, data["image_root"]), updates, c.seed), d)
+  out.update(files=files, pairs=pairs)
   return out
+
+
+def _clean_train(data: dict) -> list:
+  return _as_list(data["files"].get("clean_train_shards") or data["files"]["clean_train"])
 
 
 def _from_stage1(c_task, stage1: dict, pretrain_cfg) -> dict:
@@ -189,24 +151,35 @@ def finetune_stage(c, which: str, data: dict, stage1: dict, d: str) -> dict:
   updates = _from_stage1(base_cfg, stage1, c.pretrain)
   updates.update({"eval.annotations.val": data["files"]["clean_val"], "eval.annotations.test": "",
                   "eval.image_root": data.get("eval_image_root", data["image_root"])})
-  tc = _train_config(base_cfg, _as_list(data["files"]["clean_train"]), data["image_root"], updates)
+  tc = _train_config(base_cfg, _source("json", _as_list(data["files"]["clean_train"]), data["image_root"]), updates,
+                     c.seed)
   out = _train(tc, d)
   out["model"] = out.get("best_model", out["final_model"])
   return out
 
 
 # ---- stage 3: CapFilt, and the filter against the injected noise -----------------------------------
-def capfilt_stage(c, data: dict, captioner: dict, filt: dict, d: str) -> dict:
-  settings = capfilt.CapFiltSettings(**c.capfilt.settings.to_dict())
-  source = capfilt.JsonInput(_as_list(data["files"]["noisy"]), data["image_root"], c.capfilt.per_shard)
+def capfilt_stage(c, data: dict, captioner: dict, filt: dict, d: str, variant: str = "capfilt") -> dict | None:
+  """CapFilt of the noisy part in its own format; a variant's settings (VARIANTS) leave out the
+  captioner or the filter. Returns None on processes other than 0 (process 0 writes the result)."""
+  settings = capfilt.CapFiltSettings(**{**c.capfilt.settings.to_dict(), "seed": c.seed, **VARIANTS[variant][0]})
+  source = capfilt.make_input(_as_list(data["files"]["noisy"]), data["image_root"], c.capfilt.per_shard)
   report = capfilt.run(blip_jax.load(captioner["model"]), blip_jax.load(filt["model"]), source, d, settings,
                        progress=c.progress)
-  out = {"bootstrapped": fs.join(d, "bootstrapped.json"), "images": report["images"],
+  if not report:
+    return None
+  output = report["output"]
+  out = {"output": output, "files": output.get("annotations") or sorted(
+             fs.join(d, "shards", f"{i:05d}{source.ext}") for i in range(source.num_shards)),
+         "images": report["images"], "pairs_written": report["pairs_written"],
          "web": {k: report["web"][k] for k in ("texts", "kept", "dropped")},
-         "synthetic": {k: report["synthetic"][k] for k in ("texts", "kept", "dropped")}}
+         "synthetic": {k: report["synthetic"][k] for k in ("texts", "kept", "dropped")},
+         "counts": {"images_read": report["images"], "images_undecodable": report["images_undecodable"],
+                    "texts_empty_skipped": report["texts_empty_skipped"], "pairs_kept": report["pairs_written"],
+                    "undecodable_examples": report["undecodable_examples"][:5]}}
   labels = data["files"].get("noise_labels")
-  if labels:
-    out["noise_filter"] = noise_filter_scores(fs.read_json(labels), fs.read_json(out["bootstrapped"]))
+  if labels and data["format"] == "json":  # pairs are matched by image path, which JSON output keeps
+    out["noise_filter"] = noise_filter_scores(fs.read_json(labels), fs.read_json(out["files"][0]))
   return out
 
 
@@ -253,92 +226,59 @@ def eval_stage(c, data: dict, models: dict, d: str, log) -> dict:
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
+def check_config(c) -> None:
+  """What would fail late, named before any stage runs."""
+  unknown = set(c.variants) - set(VARIANTS)
+  if unknown or not c.variants:
+    raise BootstrapError(f"variants {tuple(c.variants)}: choose among {tuple(VARIANTS)} (none is the stage-1 model)")
+  if c.data.kind == "synthetic" and c.data.format not in FORMATS:
+    raise BootstrapError(f"data.format {c.data.format!r}: one of {tuple(FORMATS)}")
+  if c.data.kind == "json":
+    noisy_format(c.data.json.noisy)
+
+
 def run(c, workdir: str, log=print) -> dict:
   """Runs (or resumes) the whole loop; returns the summary (also WORKDIR/summary.json)."""
+  check_config(c)
   workdir = str(fs.path(workdir))
   fs.makedirs(workdir)
   fs.resume_settings(fs.join(workdir, "bootstrap_config.json"), json.loads(c.to_json_best_effort()),
                      "a bootstrap run", write=jax.process_index() == 0)
-  data = _stage(workdir, "0_data", lambda d: (synthetic_data(d, c.data.synthetic) if c.data.kind == "synthetic"
-                                              else json_data(c.data)), log)
+  data = _stage(workdir, "0_data", lambda d: stage0(c, d), log, main_only=True)
   files = data["files"]
   stage1 = _stage(workdir, "1_pretrain",
-                  lambda d: pretrain_stage(c, data, _as_list(files["noisy"]) + _as_list(files["clean_train"]), d),
-                  log)
+                  lambda d: pretrain_stage(c, data, _as_list(files["noisy"]) + _clean_train(data), d), log)
   captioner = _stage(workdir, "2_captioner", lambda d: finetune_stage(c, "captioner", data, stage1, d), log)
   filt = _stage(workdir, "2_filter", lambda d: finetune_stage(c, "filter", data, stage1, d), log)
-  capf = _stage(workdir, "3_capfilt", lambda d: capfilt_stage(c, data, captioner, filt, d), log)
-  stage4 = _stage(workdir, "4_pretrain",
-                  lambda d: pretrain_stage(c, data, _as_list(files["clean_train"]) + [capf["bootstrapped"]], d),
-                  log)
-  evals = _stage(workdir, "5_eval", lambda d: eval_stage(
-      c, data, {"stage1": stage1["final_model"], "stage4": stage4["final_model"]}, d, log), log)
-  summary = {"data": data["sizes"],
+  capf, stage4, models = {}, {}, {"stage1": stage1["final_model"]}
+  for v in ("capfilt",) + tuple(x for x in VARIANTS if x in c.variants and x != "capfilt"):
+    suffix = VARIANTS[v][1]
+    capf[v] = _stage(workdir, "3_capfilt" + suffix,
+                     lambda d, v=v: capfilt_stage(c, data, captioner, filt, d, v), log)
+    stage4[v] = _stage(workdir, "4_pretrain" + suffix,
+                       lambda d, v=v: pretrain_stage(c, data, _clean_train(data) + capf[v]["files"], d), log)
+    models["stage4" + suffix] = stage4[v]["final_model"]
+  evals = _stage(workdir, "5_eval", lambda d: eval_stage(c, data, models, d, log), log)
+  table = {"none": evals["stage1"]}
+  table.update({v: evals["stage4" + VARIANTS[v][1]] for v in capf})
+  summary = {"seed": c.seed, "data": data["sizes"],
              "stage1": {"pairs": stage1["pairs"], "steps": stage1["steps"]},
              "captioner": captioner.get("best"), "filter": filt.get("best"),
-             "capfilt": {k: capf[k] for k in ("images", "web", "synthetic")},
-             "noise_filter": capf.get("noise_filter"),
-             "stage4": {"pairs": stage4["pairs"], "steps": stage4["steps"]},
+             "capfilt": {k: capf["capfilt"][k] for k in ("images", "web", "synthetic")},
+             "noise_filter": capf["capfilt"].get("noise_filter"),
+             "stage4": {"pairs": stage4["capfilt"]["pairs"], "steps": stage4["capfilt"]["steps"]},
              "before": evals["stage1"], "after": evals["stage4"],
-             "seconds": {s: r["seconds"] for s, r in zip(STAGES, (data, stage1, captioner, filt, capf, stage4, evals))}}
+             # per stage: what was read, skipped (bad examples) and kept
+             "counts": {"0_data": data.get("counts", {}), "1_pretrain": {"pairs": stage1["pairs"], **stage1["counts"]},
+                        "2_captioner": captioner["counts"], "2_filter": filt["counts"],
+                        "3_capfilt": capf["capfilt"]["counts"],
+                        "4_pretrain": {"pairs": stage4["capfilt"]["pairs"], **stage4["capfilt"]["counts"]}},
+             "table": table,
+             "variants": {v: {"capfilt": {k: capf[v][k] for k in ("web", "synthetic", "pairs_written")},
+                              "noise_filter": capf[v].get("noise_filter"),
+                              "stage4": {"pairs": stage4[v]["pairs"], "steps": stage4[v]["steps"]}} for v in capf}}
   if jax.process_index() == 0:
     fs.write_json(fs.join(workdir, "summary.json"), summary, indent=2)
-    summary_png(summary, fs.join(workdir, "summary.png"))
+    summary_plot(summary, fs.join(workdir, "summary.png"))
     log(format_summary(summary))
   return summary
-
-
-ROWS = (("retrieval", "txt_r1", "image->text R@1"), ("retrieval", "txt_r5", "image->text R@5"),
-        ("retrieval", "img_r1", "text->image R@1"), ("retrieval", "img_r5", "text->image R@5"),
-        ("retrieval", "r_mean", "retrieval r_mean"), ("caption", "CIDEr", "CIDEr"), ("caption", "Bleu_4", "BLEU-4"))
-
-
-def format_summary(s: dict) -> str:
-  lines = ["", "stage                 data                                   result"]
-  d = s["data"]
-  if d:
-    lines.append(f"0 data                noisy {d.get('noisy')} ({d.get('noisy_injected')} injected noise), "
-                 f"clean {d.get('clean_train')} + val {d.get('clean_val')}, held-out {d.get('heldout')}")
-  lines.append(f"1 pretrain            {s['stage1']['pairs']} pairs (noisy + clean)      {s['stage1']['steps']} steps")
-  for name in ("captioner", "filter"):
-    b = s[name] or {}
-    lines.append(f"2 {name:19s} clean train, selected on clean val     {b.get('metric', '-')} {b.get('value', 0):.3f}")
-  w, syn = s["capfilt"]["web"], s["capfilt"]["synthetic"]
-  lines.append(f"3 capfilt             {s['capfilt']['images']} noisy images               web kept {w['kept']} / "
-               f"dropped {w['dropped']}; synthetic kept {syn['kept']} / dropped {syn['dropped']}")
-  nf = s.get("noise_filter")
-  if nf:
-    lines.append(f"  filter vs injected noise: precision {nf['precision']:.3f}, recall {nf['recall']:.3f} "
-                 f"({nf['dropped_noisy']} of {nf['noisy']} noisy texts dropped; {nf['kept_clean']} of {nf['clean']} "
-                 f"clean texts kept)")
-  lines.append(f"4 pretrain            {s['stage4']['pairs']} pairs (clean + bootstrapped) "
-               f"{s['stage4']['steps']} steps")
-  lines.append("5 eval (held-out)     metric              stage 1 (noisy)   stage 4 (bootstrapped)")
-  for group, key, label in ROWS:
-    a, b = s["before"].get(group, {}).get(key), s["after"].get(group, {}).get(key)
-    if a is not None and b is not None:
-      lines.append(f"                      {label:19s} {a:15.3f}   {b:15.3f}  ({b - a:+.3f})")
-  return "\n".join(lines)
-
-
-def summary_png(s: dict, path: str, width: int = 760, height: int = 320) -> None:
-  """Before/after bars of the held-out metrics (PIL only; no plotting library needed)."""
-  rows = [(label, s["before"].get(g, {}).get(k), s["after"].get(g, {}).get(k)) for g, k, label in ROWS]
-  rows = [r for r in rows if r[1] is not None and r[2] is not None]
-  img = Image.new("RGB", (width, height), "white")
-  d = ImageDraw.Draw(img)
-  d.text((10, 8), "held-out evaluation: stage 1 (noisy data, grey) vs stage 4 (bootstrapped, blue)", fill="black")
-  if rows:
-    top = max(max(a, b) for _, a, b in rows) or 1.0
-    slot = (width - 40) / len(rows)
-    for i, (label, a, b) in enumerate(rows):
-      x = 20 + i * slot
-      for j, (v, colour) in enumerate(((a, (150, 150, 150)), (b, (40, 90, 200)))):
-        h = (height - 80) * v / top
-        x0 = x + 8 + j * (slot / 2 - 8)
-        d.rectangle((x0, height - 40 - h, x0 + slot / 2 - 14, height - 40), fill=colour)
-        d.text((x0, height - 54 - h), f"{v:.1f}" if top > 5 else f"{v:.3f}", fill="black")
-      d.text((x + 4, height - 32), label[:18], fill="black")
-  out = io.BytesIO()
-  img.save(out, "PNG")
-  fs.write_bytes(path, out.getvalue())

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 
 from blip_jax import bootstrap, capfilt
@@ -100,6 +101,11 @@ def test_every_stage_writes_its_outputs_and_a_rerun_redoes_nothing(pipeline):
     assert m["r_mean"] == summary["before" if name == "stage1" else "after"]["retrieval"]["r_mean"]
     assert os.path.exists(os.path.join(work, "5_eval", name, "caption", "captions.json"))
   assert json.load(open(os.path.join(work, "summary.json"))) == summary == again
+  assert set(summary["table"]) == {"none", "capfilt"}
+  assert summary["table"]["none"] == summary["before"] and summary["table"]["capfilt"] == summary["after"]
+  counts = summary["counts"]
+  assert counts["1_pretrain"] == {"pairs": 128, "examples_trained": 6 * 16, "skipped": 0}
+  assert counts["3_capfilt"]["images_read"] == 64 and counts["3_capfilt"]["images_undecodable"] == 0
   with open(os.path.join(work, "summary.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # a third run: every stage skipped
@@ -151,3 +157,171 @@ def test_a_changed_config_is_refused_before_any_stage(pipeline):
   work, *_ = pipeline
   with pytest.raises(ValueError, match="other settings"):
     bootstrap.run(tiny_config(**{"capfilt.settings.threshold": 0.3}), work, log=lambda m: None)
+
+
+def _free_port():
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def _same_results(a, b, work_a, work_b):
+  """Two DONE.json (or summary) values equal, paths under each workdir read as the same."""
+  norm = lambda x, w: json.loads(json.dumps(x).replace(w, "WORK"))
+  return norm(a, work_a) == norm(b, work_b)
+
+
+def test_two_processes_equal_one_and_a_killed_process_resumes(pipeline, tmp_path):
+  """Item 0 and 4 of the bootstrap: the `:tiny` loop under jax.distributed with 2 processes (4
+  devices each) writes the same summary.json, byte for byte, as the single-process run (8
+  devices) with the same seed, and the same CapFilt shards and stage results, though process 1 was
+  killed (SIGKILL) inside stage 1 after its step-4 checkpoint, and both were started again."""
+  import signal
+  import subprocess
+  import sys
+
+  from conftest import one_device_env, process_env
+  work1 = pipeline[0]
+  work2 = str(tmp_path / "w2")
+  worker = os.path.join(ROOT, "tests", "bootstrap_worker.py")
+  env = {**one_device_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+  def launch(kill_at=0):
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, worker, work2] + ([str(kill_at)] if kill_at and i == 1 else []),
+                             cwd=ROOT, env=process_env(env, i, 2, port), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+  first = launch(kill_at=4)
+  log1 = first[1].communicate(timeout=600)[0]
+  assert first[1].returncode == -signal.SIGKILL and "killed after the step-4 checkpoint" in log1, log1[-3000:]
+  first[0].send_signal(signal.SIGKILL)  # the job goes down with its host, as a pod's would
+  first[0].communicate(timeout=60)
+  assert "[0_data] done" in log1 and not os.path.exists(os.path.join(work2, "1_pretrain", bootstrap.DONE))
+  again = launch()
+  logs = [p.communicate(timeout=900)[0] for p in again]
+  for p, log in zip(again, logs):
+    assert p.returncode == 0, log[-4000:]
+  assert "[0_data] complete: skipped" in logs[0] and "resumed from step 4" in logs[0], logs[0][-4000:]
+  with open(os.path.join(work1, "summary.json"), "rb") as f, open(os.path.join(work2, "summary.json"), "rb") as g:
+    assert f.read() == g.read()
+  for stage in bootstrap.STAGES:
+    a = json.load(open(os.path.join(work1, stage, bootstrap.DONE)))
+    b = json.load(open(os.path.join(work2, stage, bootstrap.DONE)))
+    if "final_loss" in a:  # one process's 8 devices and two processes' 4 reduce in other orders
+      assert abs(a.pop("final_loss") - b.pop("final_loss")) < 1e-4
+    assert _same_results(a, b, work1, work2), stage
+  shards = sorted(f for f in os.listdir(os.path.join(work1, "3_capfilt", "shards")) if f.endswith(".json"))
+  assert len(shards) == 4  # 2 shards of 32 images: data and stats
+  for name in shards:
+    a = json.load(open(os.path.join(work1, "3_capfilt", "shards", name)))
+    b = json.load(open(os.path.join(work2, "3_capfilt", "shards", name)))
+    if name.endswith(".stats.json"):
+      assert a.pop("process") == 0 and b.pop("process") == int(name[:5]) % 2  # dealt to both processes
+      assert abs(a.pop("web_score_sum") - b.pop("web_score_sum")) < 1e-4
+      assert abs(a.pop("synthetic_score_sum") - b.pop("synthetic_score_sum")) < 1e-4
+      ea, eb = a.pop("synthetic_examples"), b.pop("synthetic_examples")
+      assert [e[:2] for e in ea] == [e[:2] for e in eb] and len(ea) == 8  # the same captions drawn
+      np.testing.assert_allclose([e[2] for e in ea], [e[2] for e in eb], atol=2e-4)
+      assert a == b, name
+    else:
+      assert [(r["image"], r["caption"], r["kind"]) for r in a] == [(r["image"], r["caption"], r["kind"]) for r in b]
+
+
+def _user_data(work, noisy):
+  """The config of a run on your own data: the noisy part as given, the clean parts and held-out
+  set the first run's JSON."""
+  d = os.path.join(work, "0_data")
+  return {"data.kind": "json", "data.json.noisy": tuple(noisy), "data.json.image_root": d,
+          "data.json.clean_train": (os.path.join(d, "clean_train.json"),),
+          "data.json.clean_val": (os.path.join(d, "clean_val.json"),),
+          "data.json.heldout": (os.path.join(d, "heldout.json"),)}
+
+
+def _training_seeds(work, stage):
+  cfg = json.load(open(os.path.join(work, stage, "run", "config.json")))
+  return cfg["seed"], cfg["data"]["pipeline"]["seed"]
+
+
+def test_webdataset_tar_noisy_part_and_another_seed(pipeline, tmp_path):
+  """The noisy part as img2dataset webdataset shards written here (00000.tar, 00001.tar: NNNNN.jpg +
+  .txt + .json), one image member corrupt: stage 1 and CapFilt read them in place and count the bad
+  sample, CapFilt writes .tar shards and stage 4 trains on them. With seed 1 every stage's seed is 1,
+  and the captioner's draws on the same images differ from seed 0's."""
+  from test_data import img2dataset_tar
+  work1 = pipeline[0]
+  noisy = json.load(open(os.path.join(work1, "0_data", "noisy.json")))
+  samples = []
+  for k, e in enumerate(noisy):
+    key = f"{k:09d}"
+    jpg = open(os.path.join(work1, "0_data", e["image"]), "rb").read()
+    samples.append({"key": key, "jpg": jpg, "txt": e["caption"],
+                    "json": json.dumps({"key": key, "caption": e["caption"], "status": "success"})})
+  samples[5]["jpg"] = b"\xff\xd8\xff\xe0 corrupt"
+  shards = tmp_path / "wds"
+  shards.mkdir()
+  img2dataset_tar(str(shards / "00000.tar"), samples[:32])
+  img2dataset_tar(str(shards / "00001.tar"), samples[32:])
+  work = str(tmp_path / "w")
+  c = tiny_config(**_user_data(work1, [str(shards / "*.tar")]), seed=1, variants=("capfilt", "captioner"),
+                  **{"pretrain.total_steps": 10})
+  summary = bootstrap.run(c, work, log=lambda m: None)
+  counts = summary["counts"]
+  assert counts["3_capfilt"]["images_read"] == 64 and counts["3_capfilt"]["images_undecodable"] == 1
+  assert "000000005" in counts["3_capfilt"]["undecodable_examples"][0]
+  # 10 steps of 16 from 127 good pairs: into the second epoch, past the bad sample at least once
+  assert counts["1_pretrain"]["pairs"] == 128 and counts["1_pretrain"]["skipped"] >= 1
+  stage1 = json.load(open(os.path.join(work, "1_pretrain", bootstrap.DONE)))
+  assert [f for f in stage1["files"] if f.endswith(".tar")][:2] == [str(shards / "00000.tar"), str(shards / "00001.tar")]
+  for v, stage in (("capfilt", "3_capfilt"), ("captioner", "3_capfilt_captioner")):
+    out = json.load(open(os.path.join(work, stage, bootstrap.DONE)))
+    assert out["output"]["kind"] == "webdataset" and all(f.endswith(".tar") for f in out["files"])
+    s4 = json.load(open(os.path.join(work, "4_pretrain" + bootstrap.VARIANTS[v][1], bootstrap.DONE)))
+    assert s4["files"][-2:] == out["files"] and s4["pairs"] == 64 + out["pairs_written"]
+  # the seed reached every stage
+  for stage in ("1_pretrain", "2_captioner", "2_filter", "4_pretrain", "4_pretrain_captioner"):
+    assert _training_seeds(work, stage) == (1, 1), stage
+  for stage in ("1_pretrain", "2_captioner", "2_filter", "4_pretrain"):
+    assert _training_seeds(work1, stage) == (0, 0), stage
+  assert json.load(open(os.path.join(work, "3_capfilt", "capfilt_settings.json")))["seed"] == 1
+  # the captioner-only variant (threshold 0) kept every text: each good image's web text and caption
+  cap = summary["variants"]["captioner"]["capfilt"]
+  assert cap["web"]["kept"] == cap["web"]["texts"] == 63 and cap["synthetic"]["dropped"] == 0
+  assert summary["table"].keys() == {"none", "capfilt", "captioner"}
+  # seed 1's captions differ from seed 0's on the same images (the report's first ones of each shard)
+  drawn0 = {int(e[0].split("_")[-1][:-4]): e[1] for e in
+            json.load(open(os.path.join(work1, "3_capfilt", "report.json")))["synthetic_examples"]}
+  drawn1 = {int(e[0].split("'")[1]): e[1] for e in
+            json.load(open(os.path.join(work, "3_capfilt", "report.json")))["synthetic_examples"]}
+  both = set(drawn0) & set(drawn1)
+  assert len(both) >= 12 and sum(drawn0[k] != drawn1[k] for k in both) > len(both) // 2, (drawn0, drawn1)
+
+
+def test_tfrecord_noisy_part_from_make_shards(pipeline, tmp_path):
+  """The noisy part as TFRecord shards from `make-shards`: stage 0 writes the clean part as TFRecord
+  shards too, stage 1 and CapFilt read them, CapFilt's .tfrecord output feeds stage 4. (Stage 2,
+  which reads only the clean JSON, is the first run's: its DONE.json files, copied, mark it done.)"""
+  from blip_jax.data.shards import make_shards
+  work1 = pipeline[0]
+  make_shards([os.path.join(work1, "0_data", "noisy.json")], os.path.join(work1, "0_data"), str(tmp_path / "tfr"),
+              per_shard=32, progress=False)
+  work = str(tmp_path / "w")
+  for stage in ("2_captioner", "2_filter"):
+    os.makedirs(os.path.join(work, stage))
+    with open(os.path.join(work1, stage, bootstrap.DONE)) as f, open(os.path.join(work, stage, bootstrap.DONE), "w") as g:
+      g.write(f.read())
+  log = []
+  summary = bootstrap.run(tiny_config(**_user_data(work1, [str(tmp_path / "tfr" / "*.tfrecord")]),
+                                      variants=("capfilt",), **{"eval.caption": False}), work, log=log.append)
+  assert "[2_filter] complete: skipped" in log
+  data = json.load(open(os.path.join(work, "0_data", bootstrap.DONE)))
+  assert data["format"] == "tfrecord" and data["counts"]["clean_train"] == {"written": 64, "missing_images": 0}
+  assert len(data["files"]["clean_train_shards"]) == 2
+  stage1 = json.load(open(os.path.join(work, "1_pretrain", bootstrap.DONE)))
+  assert stage1["files"] == data["files"]["noisy"] + data["files"]["clean_train_shards"] and stage1["pairs"] == 128
+  out = json.load(open(os.path.join(work, "3_capfilt", bootstrap.DONE)))
+  assert out["output"]["kind"] == "tfrecord" and summary["counts"]["3_capfilt"]["images_read"] == 64
+  s4 = json.load(open(os.path.join(work, "4_pretrain", bootstrap.DONE)))
+  assert s4["files"] == data["files"]["clean_train_shards"] + out["files"]
+  assert s4["pairs"] == 64 + out["pairs_written"]

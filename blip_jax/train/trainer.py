@@ -21,6 +21,7 @@ from blip_jax import fs, tasks
 from blip_jax.api import BlipModel
 from blip_jax.data.device import prefetch_to_device
 from blip_jax.data.tf_setup import metric_writers
+from blip_jax.distributed import allgather_sum
 from blip_jax.train import checkpointing as ckpt
 from blip_jax.train.setup import (
   ConfigError,
@@ -219,7 +220,8 @@ def train(c, workdir: str, final_model: str | None = None):
   if final_model:
     BlipModel(mcfg, host_params(state["params"], mesh), tokenizer=tok).save(final_model, overwrite=True,
                                                                             tag=f"final{step}")
-  result = {"final": metrics, "step": step}
+  # bad examples skipped (undecodable, empty text) over the whole run, every host's summed
+  result = {"final": metrics, "step": step, "skipped_examples": int(allgather_sum(data_state["skipped"]))}
   if task.evaluate is not None:
     result["eval"], result["best"] = eval_metrics, best
   elif task.final_evaluate is not None and jax.process_index() == 0:
