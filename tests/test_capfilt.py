@@ -194,6 +194,41 @@ def test_thresholds_on_tfrecord_shards(setup, models, threshold):
     assert report["web"]["dropped"] + report["synthetic"]["dropped"] == texts
 
 
+def test_webdataset_tar_in_tar_out(setup, models, tmp_path):
+  """img2dataset .tar shards in (written here: NNNNN.jpg + .txt + .json, the truncated JPEG among
+  them), .tar shards out at threshold 0: every text of every good image kept, each pair a sample
+  whose .json names its image's key, read back by the training source with the image ids shared."""
+  from test_data import img2dataset_tar
+
+  from blip_jax.data import webdataset
+  from blip_jax.data.sources import WebDatasetSource
+  d, ann = setup
+  samples = []
+  for k, a in enumerate(e for e in ann if "missing" not in e["image"]):
+    path = a["image"] if os.path.isabs(a["image"]) else os.path.join(COCO, a["image"])
+    key = f"{k:09d}"
+    samples.append({"key": key, "jpg": open(path, "rb").read(), "txt": a["caption"][-1],
+                     "json": json.dumps({"key": key, "status": "success"})})
+  img2dataset_tar(str(tmp_path / "00000.tar"), samples[:7])
+  img2dataset_tar(str(tmp_path / "00001.tar"), samples[7:])
+  _, cap, filt = models
+  report = capfilt.run(cap, filt, capfilt.make_input([str(tmp_path / "*.tar")]), str(tmp_path / "out"),
+                       settings(threshold=0.0), progress=False)
+  assert report["images"] == N_IMAGES + 1 and report["images_undecodable"] == 1
+  assert "sample '000000006'" in report["undecodable_examples"][0]  # the truncated JPEG, by its key
+  assert report["output"]["kind"] == "webdataset"
+  out = sorted((tmp_path / "out" / "shards").glob("*.tar"))
+  assert [f.name for f in out] == ["00000.tar", "00001.tar"]
+  rows = [s for f in out for s in webdataset.iter_samples(str(f))]
+  assert report["synthetic"]["texts"] + report["texts_empty_skipped"] == 2 * N_IMAGES  # 2 captions an image
+  assert len(rows) == report["pairs_written"] == N_IMAGES + report["synthetic"]["texts"]
+  web = {s["meta"]["key"]: s["texts"][0] for s in rows if s["meta"]["kind"] == "web"}
+  assert web == {x["key"]: x["txt"] for x in samples if x["key"] != "000000006"}
+  src = WebDatasetSource(str(tmp_path / "out" / "shards" / "*.tar"), shuffle_buffer=1)
+  ids = [int(r["image_id"]) for r in src.epoch_dataset(0, 0, 0, 1)]
+  assert len(ids) == len(rows) and len(set(ids)) == N_IMAGES  # the pairs of an image share its id
+
+
 def test_tfrecord_input_counts_a_record_without_jpg_and_a_truncated_file_and_goes_on(tmp_path):
   import tensorflow as tf
   feat = lambda v: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
