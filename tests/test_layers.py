@@ -9,7 +9,7 @@ of a layer above its own, and no module grows past ~400 lines. The layers, lowes
   3 tasks/ (the plug-ins), train/step (the pure step), train/config_base
   4 train/setup, train/checkpointing
   5 train/trainer, train/aot, capfilt
-  6 bootstrap, demo
+  6 bootstrap (and its bootstrap_data, bootstrap_report), demo
   7 cli/
 """
 import ast
@@ -28,7 +28,7 @@ LAYERS = [  # module-name prefixes, lowest layer first; the longest matching pre
     ("blip_jax.tasks", "blip_jax.train.step", "blip_jax.train.config_base", "blip_jax.train"),
     ("blip_jax.train.setup", "blip_jax.train.checkpointing"),
     ("blip_jax.train.trainer", "blip_jax.train.aot", "blip_jax.capfilt"),
-    ("blip_jax.bootstrap", "blip_jax.demo"),
+    ("blip_jax.bootstrap", "blip_jax.bootstrap_data", "blip_jax.bootstrap_report", "blip_jax.demo"),
     ("blip_jax.cli",),
 ]
 
