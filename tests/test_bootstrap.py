@@ -325,3 +325,36 @@ def test_tfrecord_noisy_part_from_make_shards(pipeline, tmp_path):
   s4 = json.load(open(os.path.join(work, "4_pretrain", bootstrap.DONE)))
   assert s4["files"] == data["files"]["clean_train_shards"] + out["files"]
   assert s4["pairs"] == 64 + out["pairs_written"]
+
+
+def test_table1_means_spreads_and_differences():
+  """bootstrap_report.table1 against the statistics module, value by value: each variant's mean
+  and sample std over seeds, its difference from no CapFilt taken seed by seed, and 'beyond the
+  spread' only where |mean difference| > 2 std of the differences."""
+  import statistics
+
+  from blip_jax import bootstrap_report as report
+  values = {"none": [10.0, 12.0, 14.0], "filter": [20.0, 23.0, 25.0], "captioner": [11.0, 11.5, 15.0],
+            "capfilt": [11.0, 14.0, 17.5]}
+  cider = {"none": [3.0, 3.2, 3.4], "filter": [3.1, 3.1, 3.5], "captioner": [3.0, 3.3, 3.3], "capfilt": [3.2, 3.0, 3.6]}
+  summaries = {seed: {"table": {v: {"retrieval": {"r_mean": values[v][i]}, "caption": {"CIDEr": cider[v][i]}}
+                                for v in values}} for i, seed in enumerate((0, 1, 2))}
+  t = report.table1(summaries)
+  assert t["seeds"] == [0, 1, 2] and list(t["variants"]) == list(report.VARIANTS)
+  for v in values:
+    for key, got in (("r_mean", values[v]), ("CIDEr", cider[v])):
+      m = t["variants"][v][key]
+      assert m["values"] == got
+      assert abs(m["mean"] - statistics.mean(got)) < 1e-12 and abs(m["std"] - statistics.stdev(got)) < 1e-12
+      if v != "none":
+        base = values["none"] if key == "r_mean" else cider["none"]
+        d = [a - b for a, b in zip(got, base)]
+        diff = t["differences"][v][key]
+        assert abs(diff["mean"] - statistics.mean(d)) < 1e-12 and abs(diff["std"] - statistics.stdev(d)) < 1e-12
+        assert diff["beyond_spread"] == (abs(statistics.mean(d)) > 2 * statistics.stdev(d))
+  # filter: +10.67 +- 0.58 is beyond; captioner +0.5 +- 1.32 is not, nor capfilt +2.17 +- 1.26 (1-2 std)
+  assert t["differences"]["filter"]["r_mean"]["beyond_spread"]
+  assert not t["differences"]["captioner"]["r_mean"]["beyond_spread"]
+  assert not t["differences"]["capfilt"]["r_mean"]["beyond_spread"]
+  md = report.format_table1(t)
+  assert "| +F (filter) − none | " in md and "+10.67 ± 0.58 *" in md
