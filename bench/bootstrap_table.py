@@ -91,10 +91,11 @@ def main():
     t0 = time.time()
     with open(os.path.join(a.out, f"seed{seed}.log"), "a") as log:
       subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-    seconds[seed] = round(time.time() - t0, 1)
     with open(os.path.join(work, "summary.json")) as f:
       summaries[seed] = json.load(f)
-    print(f"seed {seed}: done in {seconds[seed]:.0f} s", flush=True)
+    with open(os.path.join(work, "timing.json")) as f:  # the stages' own times (a resumed seed: all of them)
+      seconds[seed] = round(sum(json.load(f).values()), 1)
+    print(f"seed {seed}: done in {time.time() - t0:.0f} s (its stages: {seconds[seed]:.0f} s)", flush=True)
   table = report.table1(summaries)
   table["config"], table["seconds"] = a.config, seconds
   table["capfilt"] = {seed: {v: s["variants"][v]["capfilt"] for v in s["variants"]} for seed, s in summaries.items()}
