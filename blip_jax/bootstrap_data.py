@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from blip_jax import fs
-from blip_jax.data.annotations import read_entries
+from blip_jax.data.annotations import image_path, read_entries
 from blip_jax.data.sources import synthetic_example
 
 FORMATS = {"json": ".json", "tfrecord": ".tfrecord", "webdataset": ".tar"}
@@ -123,13 +123,14 @@ def write_shards(entries: list, image_root: str, out_dir: str, fmt: str, per_sha
     samples = []
     for k, e in enumerate(entries[i:i + per_shard], i):
       try:
-        jpg = fs.path(fs.join(image_root, e["image"])).read_bytes()
+        jpg = fs.path(image_path(e["image"], image_root)).read_bytes()
       except OSError:
         missing += 1
         continue
-      caption = e["caption"] if isinstance(e["caption"], str) else e["caption"][0]
-      samples.append({"key": f"{k:09d}", "image": jpg, "text": caption,
-                      "meta": {"key": str(e.get("image_id", k)), "caption": caption, "status": "success"}})
+      captions = [e["caption"]] if isinstance(e["caption"], str) else e["caption"]
+      for j, caption in enumerate(captions):  # a sample holds one text: one per caption, the image's key shared
+        samples.append({"key": f"{k:09d}" + (f"_{j}" if j else ""), "image": jpg, "text": caption,
+                        "meta": {"key": str(e.get("image_id", k)), "caption": caption, "status": "success"}})
     files.append(fs.join(out_dir, f"{i // per_shard:05d}.tar"))
     written += webdataset.write_shard(files[-1], samples)
   return {"files": files, "written": written, "missing_images": missing}
@@ -161,8 +162,6 @@ def stage0(c, d: str) -> dict:
   else:
     data = json_data(c.data)
   return shard_data(data, d, c.data)
-
-
 
 
 def count_pairs(files: list, fmt: str) -> int:
