@@ -38,7 +38,7 @@ import jax
 
 import blip_jax
 from blip_jax import capfilt, fs
-from blip_jax.bootstrap_data import FORMATS, BootstrapError, count_pairs, noisy_format, stage0
+from blip_jax.bootstrap_data import FORMATS, BootstrapError, clean_train, noisy_format, stage0
 from blip_jax.bootstrap_report import format_summary, summary_plot
 from blip_jax.distributed import sync_hosts
 from blip_jax.tasks import caption as C
@@ -114,21 +114,16 @@ def _source(fmt: str, files: list, image_root: str) -> dict:
   return {"kind": fmt, "files": tuple(files)}
 
 
-def pretrain_stage(c, data: dict, files: list, d: str) -> dict:
-  """Pretraining on `files` (the data's format): stage 1 on noisy + clean, stage 4 on clean +
-  bootstrapped. Shards stream, so their steps per epoch come from the pairs counted here."""
+def pretrain_stage(c, data: dict, files: list, pairs: int, d: str) -> dict:
+  """Pretraining on `files` (the data's format) holding `pairs` pairs: stage 1 on noisy + clean,
+  stage 4 on clean + bootstrapped. Shards stream, so their steps per epoch come from `pairs`."""
   fmt = data["format"]
-  pairs = count_pairs(files, fmt)
   updates = {"eval.enabled": False}
   if fmt != "json":
     updates["steps_per_epoch"] = max(pairs // c.pretrain.batch_size, 1)
   out = _train(_train_config(c.pretrain, _source(fmt, files, data["image_root"]), updates, c.seed), d)
   out.update(files=files, pairs=pairs)
   return out
-
-
-def _clean_train(data: dict) -> list:
-  return _as_list(data["files"].get("clean_train_shards") or data["files"]["clean_train"])
 
 
 def _from_stage1(c_task, stage1: dict, pretrain_cfg) -> dict:
@@ -247,7 +242,8 @@ def run(c, workdir: str, log=print) -> dict:
   data = _stage(workdir, "0_data", lambda d: stage0(c, d), log, main_only=True)
   files = data["files"]
   stage1 = _stage(workdir, "1_pretrain",
-                  lambda d: pretrain_stage(c, data, _as_list(files["noisy"]) + _clean_train(data), d), log)
+                  lambda d: pretrain_stage(c, data, _as_list(files["noisy"]) + clean_train(data),
+                                           data["pairs"]["noisy"] + data["pairs"]["clean_train"], d), log)
   captioner = _stage(workdir, "2_captioner", lambda d: finetune_stage(c, "captioner", data, stage1, d), log)
   filt = _stage(workdir, "2_filter", lambda d: finetune_stage(c, "filter", data, stage1, d), log)
   capf, stage4, models = {}, {}, {"stage1": stage1["final_model"]}
@@ -256,7 +252,8 @@ def run(c, workdir: str, log=print) -> dict:
     capf[v] = _stage(workdir, "3_capfilt" + suffix,
                      lambda d, v=v: capfilt_stage(c, data, captioner, filt, d, v), log)
     stage4[v] = _stage(workdir, "4_pretrain" + suffix,
-                       lambda d, v=v: pretrain_stage(c, data, _clean_train(data) + capf[v]["files"], d), log)
+                       lambda d, v=v: pretrain_stage(c, data, clean_train(data) + capf[v]["files"],
+                                                     data["pairs"]["clean_train"] + capf[v]["pairs_written"], d), log)
     models["stage4" + suffix] = stage4[v]["final_model"]
   evals = _stage(workdir, "5_eval", lambda d: eval_stage(c, data, models, d, log), log)
   table = {"none": evals["stage1"]}

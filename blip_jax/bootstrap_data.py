@@ -9,10 +9,11 @@ import os
 import numpy as np
 
 from blip_jax import fs
+from blip_jax.data import capfilt_io
 from blip_jax.data.annotations import image_path, read_entries
 from blip_jax.data.sources import synthetic_example
 
-FORMATS = {"json": ".json", "tfrecord": ".tfrecord", "webdataset": ".tar"}
+FORMATS = tuple(capfilt_io.FORMATS)  # json, tfrecord, webdataset
 
 
 class BootstrapError(ValueError):
@@ -80,12 +81,10 @@ def synthetic_data(d: str, cfg, seed: int = 0) -> dict:
 
 def noisy_format(files) -> str:
   """json | tfrecord | webdataset, from the noisy part's file names (one format)."""
-  found = {f for f, ext in FORMATS.items() for p in files
-           if p.endswith(ext) or (ext == ".json" and p.endswith(".jsonl"))}
-  if len(found) != 1:
-    raise BootstrapError(f"data.json.noisy {list(files)}: give BLIP JSON, TFRecord (.tfrecord) or webdataset "
-                         f"(.tar) files, one format")
-  return found.pop()
+  try:
+    return capfilt_io.input_format(files)
+  except ValueError as e:
+    raise BootstrapError(f"data.json.noisy {e}") from None
 
 
 def json_data(cfg) -> dict:
@@ -101,8 +100,8 @@ def json_data(cfg) -> dict:
   files.update(clean_val=cfg.json.clean_val[0], heldout=cfg.json.heldout[0])
   fmt = noisy_format(files["noisy"])
   if fmt != "json":
-    from blip_jax.data import webdataset  # noqa: PLC0415
-    files["noisy"] = webdataset.glob(files["noisy"], FORMATS[fmt])
+    from blip_jax.data.sources import match_files  # noqa: PLC0415  (TensorFlow: heavy)
+    files["noisy"] = match_files(files["noisy"], fmt)
   return {"kind": "json", "format": fmt, "files": files, "image_root": cfg.json.image_root,
           "eval_image_root": cfg.json.eval_image_root or cfg.json.image_root, "sizes": {}}
 
@@ -155,13 +154,25 @@ def shard_data(data: dict, d: str, cfg) -> dict:
   return data
 
 
+def clean_train(data: dict) -> list:
+  """The clean training part as pretraining reads it: its shards where the noisy part is shards."""
+  files = data["files"].get("clean_train_shards") or data["files"]["clean_train"]
+  return [files] if isinstance(files, str) else list(files)
+
+
 def stage0(c, d: str) -> dict:
+  """The data, and its pairs counted once here: stage 1 trains on noisy + clean, stage 4 on clean +
+  CapFilt's output, whose pairs CapFilt counts (a count of shards is a pass over them)."""
   if c.data.kind == "synthetic":
     data = synthetic_data(d, c.data.synthetic, c.seed)
     data["format"] = c.data.format
   else:
     data = json_data(c.data)
-  return shard_data(data, d, c.data)
+  data = shard_data(data, d, c.data)
+  noisy = data["files"]["noisy"]  # a path (synthetic JSON) or a list
+  data["pairs"] = {"noisy": count_pairs([noisy] if isinstance(noisy, str) else noisy, data["format"]),
+                   "clean_train": count_pairs(clean_train(data), data["format"])}
+  return data
 
 
 def count_pairs(files: list, fmt: str) -> int:

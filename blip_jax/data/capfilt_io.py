@@ -118,8 +118,8 @@ class TarInput:
   ext = ".tar"
 
   def __init__(self, files: Sequence[str]):
-    from blip_jax.data import webdataset  # noqa: PLC0415
-    self.files = webdataset.glob(files, ".tar")
+    from blip_jax.data.sources import WebDatasetSource  # noqa: PLC0415  (TensorFlow: heavy)
+    self.files = WebDatasetSource(list(files)).files
     self.num_shards = len(self.files)
 
   def count(self, shard: int) -> None:
@@ -146,13 +146,19 @@ class TarInput:
                                   for n, (item, text, kind, score) in enumerate(pairs)))
 
 
+FORMATS = {"json": (".json", ".jsonl"), "tfrecord": (".tfrecord",), "webdataset": (".tar",)}
+
+
+def input_format(files: Sequence[str]) -> str:
+  """json | tfrecord | webdataset, from the files' (or globs') extensions, one format for all."""
+  found = {f for f, exts in FORMATS.items() for p in files if p.endswith(exts)}
+  if len(found) != 1 or not all(p.endswith(sum(FORMATS.values(), ())) for p in files):
+    raise ValueError(f"{list(files)}: give BLIP JSON, TFRecord (.tfrecord) or webdataset (.tar) files, one format")
+  return found.pop()
+
+
 def make_input(files: Sequence[str], image_root: str = "", per_shard: int = 1000):
   """The CapFilt input for annotation JSON, TFRecord or webdataset `.tar` files (by extension)."""
-  files = list(files)
-  if all(f.endswith(".tar") for f in files):
-    return TarInput(files)
-  if all(".tfrecord" in f for f in files):
-    return TFRecordInput(files)
-  if all(f.endswith((".json", ".jsonl")) for f in files):
-    return JsonInput(files, image_root, per_shard)
-  raise ValueError(f"CapFilt input {files}: give BLIP JSON, TFRecord or .tar files, one format")
+  fmt = input_format(files)
+  return (JsonInput(list(files), image_root, per_shard) if fmt == "json"
+          else TFRecordInput(files) if fmt == "tfrecord" else TarInput(files))

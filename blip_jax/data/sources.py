@@ -142,26 +142,38 @@ class JsonSource(Source):
     return texts, np.asarray(txt2img), img2txt
 
 
+def match_files(patterns: str | Sequence[str], what: str) -> list:
+  """The files the patterns match, sorted (a plain path as given; globs local or gs:// through
+  tf.io.gfile); none is an error naming `what` was looked for."""
+  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+  found = sorted(f for p in patterns for f in (tf.io.gfile.glob(p) if any(c in p for c in "*?[") else [p]))
+  if not found:
+    raise ValueError(f"no {what} files match {patterns}")
+  return found
+
+
 class TFRecordSource(Source):
   """img2dataset TFRecord shards (features jpg, txt, key; `captions` as written by make-shards when an
   entry has several). Local paths or gs:// through tf.io.gfile."""
   random_access = False
 
+  what = "TFRecord"  # the format, as errors name it
+
   def __init__(self, files: str | Sequence[str], shuffle_buffer: int = 10_000, cycle_length: int = 4):
-    patterns = [files] if isinstance(files, str) else list(files)
-    found = sorted(f for p in patterns for f in (tf.io.gfile.glob(p) if any(c in p for c in "*?[") else [p]))
-    if not found:
-      raise ValueError(f"no TFRecord files match {patterns}")
-    self.files = found
-    self.name = os.path.dirname(found[0]) or found[0]
+    self.files = match_files(files, self.what)
+    self.name = os.path.dirname(self.files[0]) or self.files[0]
     self.shuffle_buffer, self.cycle_length = shuffle_buffer, cycle_length
+
+  def _file_texts(self, path):
+    for record in tf.data.TFRecordDataset(path).map(self.parse):
+      yield [t.decode("utf-8", "replace") for t in record["texts"].numpy()]
 
   def corpus(self, limit: int = CORPUS_LIMIT) -> list:
     """The shards' texts (up to `limit`), in file order: what a tokenizer is trained on."""
     out = []
     for f in self.files:
-      for record in tf.data.TFRecordDataset(f).map(self.parse):
-        out += [t.decode("utf-8", "replace") for t in record["texts"].numpy()]
+      for texts in self._file_texts(f):
+        out += texts
         if len(out) >= limit:
           return out[:limit]
     return out
@@ -203,22 +215,12 @@ class WebDatasetSource(TFRecordSource):
   streams in place (data/webdataset.py), files split over hosts and interleaved as TFRecords are.
   A sample's image id is its key (the .json's `key`, else the member name), hashed as TFRecords'."""
 
-  def __init__(self, files: str | Sequence[str], shuffle_buffer: int = 10_000, cycle_length: int = 4):
-    from blip_jax.data import webdataset  # noqa: PLC0415
-    self.files = webdataset.glob(files, ".tar")
-    self.name = os.path.dirname(self.files[0]) or self.files[0]
-    self.shuffle_buffer, self.cycle_length = shuffle_buffer, cycle_length
+  what = "webdataset .tar"
 
-  def corpus(self, limit: int = CORPUS_LIMIT) -> list:
-    """The shards' texts (up to `limit`), in file order: what a tokenizer is trained on."""
+  def _file_texts(self, path):
     from blip_jax.data import webdataset  # noqa: PLC0415
-    out = []
-    for f in self.files:
-      for s in webdataset.iter_samples(f):
-        out += s.get("texts", [])
-        if len(out) >= limit:
-          return out[:limit]
-    return out
+    for s in webdataset.iter_samples(path):
+      yield s.get("texts", [])
 
   @staticmethod
   def _read(path):

@@ -86,13 +86,3 @@ def write_shard(path: str, samples) -> int:
       n += 1
   fs.publish(tmp, path)
   return n
-
-
-def glob(patterns: Sequence[str] | str, ext: str) -> list:
-  """Files matching the patterns (sorted; a plain path as is)."""
-  from blip_jax.data.tf_setup import tf  # noqa: PLC0415  (gs:// globs through tf.io.gfile)
-  patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-  found = sorted(f for p in patterns for f in (tf.io.gfile.glob(p) if any(c in p for c in "*?[") else [p]))
-  if not found:
-    raise ValueError(f"no {ext} files match {patterns}")
-  return found
